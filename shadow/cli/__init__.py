@@ -1,0 +1,40 @@
+"""`shadow` command line: one module per subcommand, each with `register(subparsers)`.
+
+The entry point only parses and dispatches; every command builds, runs and closes through the
+package's modules. Exit codes: 0 success, 1 the run failed, 2 bad input (config, arguments).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from shadow.config import ConfigError
+
+
+def _commands():
+    # Imported lazily so `shadow policy check` does not pay for importing torch.
+    from shadow.cli import replay_cmd, train_cmd
+
+    return [train_cmd, replay_cmd]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="shadow", description=__doc__.splitlines()[0])
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for module in _commands():
+        module.register(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except ConfigError as exc:
+        print(str(exc), file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

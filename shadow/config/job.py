@@ -1,0 +1,252 @@
+"""The job schema: what to train, on what data, in which precision, checkpointed where.
+
+`jobs/*.yaml` files are merged over these defaults (see `loader.load_config`). Field comments are the
+documentation users read; `shadow train --help` points here.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from enum import Enum
+
+from shadow.config.loader import load_config
+
+# eXmY: X exponent bits, Y mantissa bits. Emulation rounds through fp32, so X <= 8 and Y <= 22.
+FORMAT_PATTERN = re.compile(r"^e([1-8])m([0-9]|1[0-9]|2[0-2])$")
+NAMED_FORMATS = ("hybrid", "e4m3", "e5m2")
+
+
+class PrecisionMode(str, Enum):
+    FP8 = "fp8"
+    BF16 = "bf16"
+
+
+class Fp8Backend(str, Enum):
+    EMULATED = "emulated"  # quantize-dequantize in plain torch: CPU and GPU, any eXmY format
+    TORCHAO = "torchao"  # torchao float8 training: real FP8 GEMMs on Hopper, emulate=True on CPU
+    TE = "te"  # NVIDIA Transformer Engine: GPU only, optional extra `shadow[te]`
+
+
+class Scaling(str, Enum):
+    DELAYED = "delayed"  # scale from the amax history of earlier steps (Transformer Engine's default)
+    CURRENT = "current"  # scale from this tensor's own amax (per-tensor, just in time)
+    NONE = "none"  # no scaling: values cast to FP8 as they are (saturating); degrades training
+
+
+class AmaxCompute(str, Enum):
+    MAX = "max"  # largest amax in the history window
+    MOST_RECENT = "most_recent"  # amax of the previous step only
+
+
+class DataSource(str, Enum):
+    PYDOC = "pydoc"  # English text shipped with CPython (pydoc_data.topics), byte level: no download
+    TEXT = "text"  # a UTF-8 (or any) text file at `path`, byte level
+    TOKENS = "tokens"  # a memory-mapped `.bin` of token ids (`token_dtype`), nanoGPT/Megatron style
+
+
+@dataclass
+class ModelConfig:
+    num_layers: int = 4
+    d_model: int = 128
+    num_heads: int = 4
+    seq_len: int = 128
+    vocab_size: int = 256  # 256 for byte-level sources; >= the largest id in a token file
+    ffn_hidden: int = 0  # SwiGLU hidden width; 0 = LLaMA's 8/3 * d_model rounded up to a multiple of 32
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    init_std: float = 0.02
+
+    def problems(self):
+        found = []
+        for name in ("num_layers", "d_model", "num_heads", "seq_len", "vocab_size"):
+            if getattr(self, name) < 1:
+                found.append((name, getattr(self, name), "a positive integer"))
+        if self.num_heads >= 1 and self.d_model % self.num_heads:
+            found.append(("d_model", self.d_model, f"a multiple of num_heads ({self.num_heads})"))
+        elif self.num_heads >= 1 and (self.d_model // self.num_heads) % 2:
+            found.append(("d_model", self.d_model, "an even head width d_model/num_heads (RoPE rotates pairs)"))
+        if self.ffn_hidden < 0:
+            found.append(("ffn_hidden", self.ffn_hidden, "0 (automatic) or a positive integer"))
+        if self.init_std <= 0:
+            found.append(("init_std", self.init_std, "a positive number"))
+        return found
+
+    @property
+    def ffn_width(self) -> int:
+        if self.ffn_hidden:
+            return self.ffn_hidden
+        return 32 * -(-(8 * self.d_model // 3) // 32)
+
+
+@dataclass
+class DataConfig:
+    source: DataSource = DataSource.PYDOC
+    path: str = ""  # file for `text` and `tokens` sources
+    token_dtype: str = "uint16"  # `tokens` source: uint16 or uint32
+    seed: int = 0  # batch for step s = f(data config, seed, s); change it to see other batches
+    holdout_fraction: float = 0.1  # tail of the corpus kept out of training for evaluation
+
+    def problems(self):
+        found = []
+        if self.source in (DataSource.TEXT, DataSource.TOKENS) and not self.path:
+            found.append(("path", self.path, f"a file path for source '{self.source.value}'"))
+        if self.token_dtype not in ("uint16", "uint32"):
+            found.append(("token_dtype", self.token_dtype, "'uint16' or 'uint32'"))
+        if not 0.0 < self.holdout_fraction < 0.5:
+            found.append(("holdout_fraction", self.holdout_fraction, "a fraction in (0, 0.5)"))
+        return found
+
+
+@dataclass
+class OptimConfig:
+    """AdamW with linear warmup then cosine decay to `min_lr`."""
+
+    lr: float = 3e-3
+    min_lr: float = 3e-4
+    warmup_steps: int = 20
+    decay_steps: int = 0  # steps of cosine decay after warmup; 0 = until the job's last step
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0  # max global grad norm; 0 disables clipping
+
+    def problems(self):
+        found = []
+        if not self.lr > 0:
+            found.append(("lr", self.lr, "a positive number"))
+        if not 0 <= self.min_lr <= self.lr:
+            found.append(("min_lr", self.min_lr, f"a number in [0, lr={self.lr}]"))
+        for name in ("warmup_steps", "decay_steps"):
+            if getattr(self, name) < 0:
+                found.append((name, getattr(self, name), "a non-negative integer"))
+        for name in ("beta1", "beta2"):
+            if not 0 <= getattr(self, name) < 1:
+                found.append((name, getattr(self, name), "a number in [0, 1)"))
+        for name in ("weight_decay", "grad_clip"):
+            if getattr(self, name) < 0:
+                found.append((name, getattr(self, name), "a non-negative number"))
+        if not self.eps > 0:
+            found.append(("eps", self.eps, "a positive number"))
+        return found
+
+
+@dataclass
+class FaultConfig:
+    """Deliberate FP8 damage for testing the guard (like Megatron's error injection).
+
+    Between `start_step` (inclusive) and `end_step` (exclusive), FP8 quantization scales are
+    multiplied by `scale_factor`, so operands saturate (factor > 1) or underflow (factor < 1).
+    BF16 steps are untouched, which is what a real scaling bug looks like. Disabled when end <= start.
+    """
+
+    start_step: int = 0
+    end_step: int = 0
+    scale_factor: float = 1.0
+
+    @property
+    def enabled(self) -> bool:
+        return self.end_step > self.start_step and self.scale_factor != 1.0
+
+    def problems(self):
+        if not self.scale_factor > 0:
+            return [("scale_factor", self.scale_factor, "a positive number")]
+        return []
+
+
+@dataclass
+class PrecisionConfig:
+    mode: PrecisionMode = PrecisionMode.FP8  # precision the job starts in
+    backend: Fp8Backend = Fp8Backend.EMULATED
+    format: str = "hybrid"  # hybrid (E4M3 forward, E5M2 gradients), e4m3, e5m2, or any eXmY
+    scaling: Scaling = Scaling.DELAYED
+    amax_history_len: int = 16  # delayed scaling: steps of amax history
+    amax_compute: AmaxCompute = AmaxCompute.MAX  # delayed scaling: how the history becomes one amax
+    margin: int = 0  # scale = fp8_max / amax / 2**margin
+    fault: FaultConfig = field(default_factory=FaultConfig)
+
+    def problems(self):
+        found = []
+        if self.format not in NAMED_FORMATS and not FORMAT_PATTERN.match(self.format):
+            found.append(("format", self.format, "hybrid, e4m3, e5m2 or eXmY with 1<=X<=8, 0<=Y<=22 (e.g. e8m3)"))
+        if self.amax_history_len < 1:
+            found.append(("amax_history_len", self.amax_history_len, "a positive integer"))
+        if self.margin < 0:
+            found.append(("margin", self.margin, "a non-negative integer"))
+        if self.backend is not Fp8Backend.EMULATED and self.format not in ("hybrid", "e4m3"):
+            found.append(("format", self.format, f"hybrid or e4m3 with backend '{self.backend.value}' "
+                          "(other formats need backend 'emulated')"))
+        return found
+
+
+@dataclass
+class CheckpointConfig:
+    uri: str = ""  # directory, file:// or s3:// URI; empty = <out>/checkpoints
+    every_steps: int = 50  # commit a checkpoint every this many steps (and at the last step)
+    keep: int = 0  # keep the newest N checkpoints; 0 keeps all
+
+    def problems(self):
+        found = []
+        if self.every_steps < 1:
+            found.append(("every_steps", self.every_steps, "a positive integer"))
+        if self.keep < 0:
+            found.append(("keep", self.keep, "0 (keep all) or a positive integer"))
+        return found
+
+
+@dataclass
+class EvalConfig:
+    batches: int = 4  # held-out batches per evaluation (fixed set, the same on every evaluation)
+    every_steps: int = 0  # evaluate every N steps in `shadow train`; 0 = only at the end
+
+    def problems(self):
+        found = []
+        if self.batches < 1:
+            found.append(("batches", self.batches, "a positive integer"))
+        if self.every_steps < 0:
+            found.append(("every_steps", self.every_steps, "a non-negative integer"))
+        return found
+
+
+@dataclass
+class ResourcesConfig:
+    device: str = "auto"  # auto (cuda when present, else cpu), cpu or cuda
+    cpus_per_rank: int = 1  # also torch's thread count: replays use the same so CPU GEMMs match
+
+    def problems(self):
+        found = []
+        if self.device not in ("auto", "cpu", "cuda"):
+            found.append(("device", self.device, "'auto', 'cpu' or 'cuda'"))
+        if self.cpus_per_rank < 1:
+            found.append(("cpus_per_rank", self.cpus_per_rank, "a positive integer"))
+        return found
+
+
+@dataclass
+class JobConfig:
+    name: str = "tiny"  # names the run directory, checkpoints and the MLflow experiment
+    steps: int = 300  # total optimizer steps of the main job
+    batch_size: int = 16  # sequences per optimizer step (global batch)
+    seed: int = 0  # model initialisation
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    precision: PrecisionConfig = field(default_factory=PrecisionConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    resources: ResourcesConfig = field(default_factory=ResourcesConfig)
+
+    def problems(self):
+        found = []
+        if not re.match(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$", self.name):
+            found.append(("name", self.name, "letters, digits, '_', '.', '-' (at most 64; it names directories)"))
+        if self.steps < 1:
+            found.append(("steps", self.steps, "a positive integer"))
+        if self.batch_size < 1:
+            found.append(("batch_size", self.batch_size, "a positive integer"))
+        return found
+
+
+def load_job(path: str | None, overrides: list[str] | None = None) -> JobConfig:
+    return load_config(JobConfig, path, overrides)
