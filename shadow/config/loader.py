@@ -69,7 +69,13 @@ class _StrictSafeLoader(yaml.SafeLoader):
         seen: set[Any] = set()
         for key_node, _ in node.value:
             key = self.construct_object(key_node, deep=deep)
-            if key in seen:
+            try:
+                is_duplicate = key in seen
+            except TypeError:  # a list or mapping used as a key (`? [a, b]`)
+                raise yaml.constructor.ConstructorError(
+                    None, None, "a key must be a plain scalar", key_node.start_mark
+                ) from None
+            if is_duplicate:
                 raise yaml.constructor.ConstructorError(
                     None, None, f"duplicate key {key!r}", key_node.start_mark
                 )
@@ -255,12 +261,27 @@ def build_config(schema: type[T], layers: list[tuple[str, dict]]) -> T:
             set_by[key] = source
     if problems:
         raise ConfigError(problems)
-    obj = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(schema), merged))
+    obj = _instantiate(schema, merged)
     for key, value, expected in _semantic_problems(obj, ""):
         problems.append(ConfigProblem(_source_for(key, set_by), key, value, expected))
     if problems:
         raise ConfigError(problems)
     return obj  # type: ignore[return-value]
+
+
+def _instantiate(schema: type[T], values: dict) -> T:
+    """Build the dataclass from already-validated values.
+
+    Not through OmegaConf: it would resolve `${...}` in string values (reading environment variables
+    or failing with a traceback), and a config value is data, never an expression.
+    """
+    hints = typing.get_type_hints(schema)
+    kwargs = {}
+    for field in dataclasses.fields(schema):
+        value = values[field.name]
+        field_type = hints[field.name]
+        kwargs[field.name] = _instantiate(field_type, value) if dataclasses.is_dataclass(field_type) else value
+    return schema(**kwargs)
 
 
 def _leaf_keys(data: dict, prefix: str = "") -> list[str]:
