@@ -14,9 +14,9 @@ from shadow.config import ConfigError
 
 def _commands():
     # Imported lazily so `shadow policy check` does not pay for importing torch.
-    from shadow.cli import replay_cmd, train_cmd
+    from shadow.cli import compare_cmd, policy_cmd, replay_cmd, train_cmd
 
-    return [train_cmd, replay_cmd]
+    return [train_cmd, replay_cmd, compare_cmd, policy_cmd]
 
 
 def build_parser() -> argparse.ArgumentParser:
