@@ -20,7 +20,7 @@ def register(subparsers) -> None:
         "compare", help="compare a main trajectory with a replay's",
         description=__doc__.split(":", 1)[1].strip())
     parser.add_argument("main", metavar="MAIN_TRAJ", help="trajectory.jsonl of the main job (whole run or window)")
-    parser.add_argument("replay", metavar="REPLAY_TRAJ", help="trajectory.jsonl of the replay; its steps are the window")
+    parser.add_argument("replay", metavar="REPLAY_TRAJ", help="trajectory.jsonl of a replay; its steps are the window")
     parser.add_argument("--policy", metavar="FILE", help="policy YAML (default: the built-in defaults)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a policy field (repeatable)")

@@ -43,7 +43,7 @@ class OnSwitch(str, Enum):
 
     BF16 = "bf16"  # keep the current state, train on in BF16 from the current step
     ROLLBACK = "rollback"  # reload the last verified checkpoint and re-train from there in BF16
-    ADOPT_REPLAY = "adopt_replay"  # continue from the failing replay's BF16 end state (loses the steps after its window)
+    ADOPT_REPLAY = "adopt_replay"  # continue from the failing replay's BF16 end state (drops steps after its window)
 
 
 class Mode(str, Enum):

@@ -52,10 +52,12 @@ def decide(policy: Policy, state: PolicyState, history: Sequence[Verdict], verdi
                         f"{policy.action.max_switches}: the job stays BF16 to the end", {})
         return _act(policy, state, replace(state, machine=Machine.BF16_FOREVER), [stay])
 
-    purpose = purpose_of(verdict)
     if verdict.window_start < state.since_step:
         return _keep(state, DecisionKind.NOTE, f"{window} ignored: it starts before the current regime "
                      f"({state.machine.value} since step {state.since_step})")
+    if verdict.kind is VerdictKind.NO_OVERLAP:
+        return _keep(state, DecisionKind.NOTE, f"{window} ignored: no step present on both sides{_missing(verdict)}")
+    purpose = purpose_of(verdict)
     if purpose is Purpose.NOISE:
         return _on_noise(policy, state, verdict, window)
     expected = Purpose.PROBE if state.machine is Machine.BF16_FALLBACK else Purpose.VERIFY
@@ -85,18 +87,15 @@ def _classify(policy: Policy, thresholds: ThresholdsConfig, verdict: Verdict) ->
             return Level.VIOLATION, f"FP8 side non-finite at steps {_steps(steps)} while BF16 stayed finite"
         return Level.UNAVAILABLE, (f"BF16 side non-finite (main at {_steps(verdict.nonfinite_main)}, replay at "
                                    f"{_steps(verdict.nonfinite_replay)}): not an FP8 verdict")
-    if verdict.kind is VerdictKind.NO_OVERLAP:
-        return Level.UNAVAILABLE, "no step present on both sides"
     name = policy.compare.metric.value
     value = verdict.metric(name)
     if value is None:
         return Level.UNAVAILABLE, f"{name} unavailable for this window"
-    limits = f"(warn {thresholds.warn:g}, switch {thresholds.switch:g})"
     if value > thresholds.switch:
         return Level.VIOLATION, f"{name}={value:+.4g} > switch {thresholds.switch:g}"
     if value > thresholds.warn:
-        return Level.WARN, f"{name}={value:+.4g} > warn {thresholds.warn:g} {limits}"
-    return Level.CLEAN, f"{name}={value:+.4g} within warn {thresholds.warn:g} {limits}"
+        return Level.WARN, f"{name}={value:+.4g} > warn {thresholds.warn:g} (switch {thresholds.switch:g})"
+    return Level.CLEAN, f"{name}={value:+.4g} within warn {thresholds.warn:g} (switch {thresholds.switch:g})"
 
 
 def _on_verification(policy, state, history, verdict, level, text, payload, main_step) -> Decisions:
@@ -186,7 +185,8 @@ def _on_noise(policy: Policy, state: PolicyState, verdict: Verdict, window: str)
     metric = policy.compare.metric.value
     value = noise_value(verdict, metric)
     if value is None:
-        return _keep(state, DecisionKind.NOTE, f"{window} noise: no finite {metric} ({verdict.kind.value}), not counted")
+        return _keep(state, DecisionKind.NOTE,
+                     f"{window} noise: no finite {metric} ({verdict.kind.value}), not counted")
     values = state.noise_values + (value,)
     state = replace(state, noise_values=values, last_noise_start=max(state.last_noise_start, verdict.window_start))
     payload = {"purpose": Purpose.NOISE.value, "window_start": verdict.window_start, "metric": metric, "value": value}
@@ -226,7 +226,8 @@ def _act(policy: Policy, counted: PolicyState, acted: PolicyState, decisions: li
     if policy.action.mode is Mode.ENFORCE:
         return Decisions(acted, tuple(decisions))
     reports = tuple(
-        Decision(DecisionKind.REPORT, f"observe only, would {d.kind.value}: {d.reason}", {**d.payload, "would": d.kind.value})
+        Decision(DecisionKind.REPORT, f"observe only, would {d.kind.value}: {d.reason}",
+                 {**d.payload, "would": d.kind.value})
         if d.kind in ACTIONS else d
         for d in decisions
     )

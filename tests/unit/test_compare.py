@@ -173,6 +173,8 @@ def test_trend_across_windows():
     assert t.growing and t.window_starts == (0, 100, 200)
     assert t.slope_per_step == pytest.approx(1.5e-4)  # least squares through (0, .01), (100, .02), (200, .04)
     assert not trend(windows[::-1], "mean_gap").growing
+    flat = [compare(traj(s, [2.01] * 5, "fp8"), traj(s, [2.0] * 5, "bf16")) for s in (0, 100)]
+    assert not trend(flat).growing and trend(flat).slope_per_step == pytest.approx(0.0, abs=1e-15)
     assert not trend(windows[:1]).growing and trend(windows[:1]).slope_per_step is None
 
 

@@ -210,6 +210,12 @@ def test_an_older_window_than_one_already_judged_is_not_counted():
     assert out.kinds == (K.NOTE,) and out.state.num_violations_in_row == 1
 
 
+def test_a_window_without_paired_steps_is_noted_with_what_is_missing():
+    rows = [StepRecord(step=s, loss=2.0, precision="bf16", tokens=1, step_time_s=0, grad_norm=0, lr=0) for s in (100, 101)]
+    out = decide(policy(), PolicyState(), [], compare([], rows), main_step=90)
+    assert out.kinds == (K.NOTE,) and "no step present on both sides; 2 steps missing in main" in out.decisions[0].reason
+
+
 def test_an_unavailable_metric_is_noted():
     pol = policy("compare.metric=eval_gap", "verify.eval_batches=2")
     out = decide(pol, PolicyState(), [], verdict(100, 0.5), main_step=160)

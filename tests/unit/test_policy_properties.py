@@ -54,7 +54,8 @@ def run_windows(policy, windows, state=None):
 
 @SETTINGS
 @given(metric=st.sampled_from(LOSS_METRICS), thresholds=threshold_pair, consecutive=st.integers(1, 4),
-       trajectories=st.lists(losses_st, min_size=1, max_size=6), noise=st.booleans(), mode=st.sampled_from(["enforce", "observe"]))
+       trajectories=st.lists(losses_st, min_size=1, max_size=6), noise=st.booleans(),
+       mode=st.sampled_from(["enforce", "observe"]))
 def test_identical_trajectories_never_warn_or_switch(metric, thresholds, consecutive, trajectories, noise, mode):
     policy = make_policy(metric, *thresholds, consecutive, noise=noise, mode=mode)
     for kinds in run_windows(policy, [(losses, losses) for losses in trajectories]):
@@ -90,7 +91,8 @@ def _shuffled(data, rng):
 policy_values = st.fixed_dictionaries({
     "compare": st.fixed_dictionaries({"metric": st.sampled_from(GAP_METRICS), "end_fraction": st.floats(0.1, 1.0)}),
     "thresholds": st.fixed_dictionaries({"warn": st.floats(0.0, 0.05), "switch": st.floats(0.05, 0.5),
-                                         "consecutive": st.integers(1, 3), "trend_windows": st.sampled_from([0, 2, 3])}),
+                                         "consecutive": st.integers(1, 3),
+                                         "trend_windows": st.sampled_from([0, 2, 3])}),
     "action": st.fixed_dictionaries({"on_switch": st.sampled_from(["bf16", "rollback", "adopt_replay"]),
                                      "max_switches": st.integers(1, 3),
                                      "return_to_fp8": st.fixed_dictionaries({"clean_probes": st.integers(1, 3)})}),
@@ -115,7 +117,8 @@ def _first_switch(kinds):
 
 
 @SETTINGS
-@given(metric=st.sampled_from(LOSS_METRICS), thresholds=threshold_pair, raise_by=st.tuples(st.floats(0, 2), st.floats(0, 2)),
+@given(metric=st.sampled_from(LOSS_METRICS), thresholds=threshold_pair,
+       raise_by=st.tuples(st.floats(0, 2), st.floats(0, 2)),
        consecutive=st.integers(1, 3), gaps=st.lists(st.floats(-0.5, 3.0), min_size=1, max_size=8), losses=losses_st)
 def test_raising_a_threshold_never_makes_a_switch_come_sooner(metric, thresholds, raise_by, consecutive, gaps, losses):
     warn, switch = thresholds
