@@ -164,6 +164,7 @@ class PrecisionConfig:
     amax_history_len: int = 16  # delayed scaling: steps of amax history
     amax_compute: AmaxCompute = AmaxCompute.MAX  # delayed scaling: how the history becomes one amax
     margin: int = 0  # scale = fp8_max / amax / 2**margin
+    torchao_recipe: str = "tensorwise"  # backend torchao: tensorwise or rowwise (current scaling only)
     fault: FaultConfig = field(default_factory=FaultConfig)
 
     def problems(self):
@@ -177,6 +178,14 @@ class PrecisionConfig:
         if self.backend is not Fp8Backend.EMULATED and self.format not in ("hybrid", "e4m3"):
             found.append(("format", self.format, f"hybrid or e4m3 with backend '{self.backend.value}' "
                           "(other formats need backend 'emulated')"))
+        if self.backend is Fp8Backend.TORCHAO and self.scaling is not Scaling.CURRENT:
+            found.append(("scaling", self.scaling.value, "'current' with backend 'torchao' (it scales dynamically)"))
+        if self.backend is Fp8Backend.TE and self.scaling is Scaling.NONE:
+            found.append(("scaling", self.scaling.value, "'delayed' or 'current' with backend 'te'"))
+        if self.torchao_recipe not in ("tensorwise", "rowwise"):
+            found.append(("torchao_recipe", self.torchao_recipe, "'tensorwise' or 'rowwise'"))
+        if self.fault.enabled and self.backend is not Fp8Backend.EMULATED:
+            found.append(("fault", "enabled", "backend 'emulated' (fault injection lives in the emulated quantizer)"))
         return found
 
 

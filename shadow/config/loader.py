@@ -262,8 +262,9 @@ def build_config(schema: type[T], layers: list[tuple[str, dict]]) -> T:
     if problems:
         raise ConfigError(problems)
     obj = _instantiate(schema, merged)
+    fallback = layers[-1][0] if layers else "defaults"
     for key, value, expected in _semantic_problems(obj, ""):
-        problems.append(ConfigProblem(_source_for(key, set_by), key, value, expected))
+        problems.append(ConfigProblem(_source_for(key, set_by, fallback), key, value, expected))
     if problems:
         raise ConfigError(problems)
     return obj  # type: ignore[return-value]
@@ -292,12 +293,13 @@ def _leaf_keys(data: dict, prefix: str = "") -> list[str]:
     return keys
 
 
-def _source_for(key: str, set_by: dict[str, str]) -> str:
+def _source_for(key: str, set_by: dict[str, str], fallback: str) -> str:
+    """The layer that set `key` (or its parent); a cross-field problem on an unset key goes to `fallback`."""
     while key:
         if key in set_by:
             return set_by[key]
         key = key.rpartition(".")[0]
-    return "defaults"
+    return fallback
 
 
 def _semantic_problems(obj: Any, prefix: str) -> list[tuple[str, Any, str]]:

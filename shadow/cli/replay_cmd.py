@@ -1,0 +1,68 @@
+"""`shadow replay`: load a checkpoint and re-train the next W steps on the same batches."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+from shadow.checkpoint import CheckpointError, locate_checkpoint
+from shadow.cli.common import add_job_args, default_out_dir, load_job_from_args
+from shadow.cli.progress import Progress
+from shadow.loop import LoopSettings, run_steps
+from shadow.rundir import RunDir
+from shadow.trainer import Trainer
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser("replay", help="re-train a window from a checkpoint in a chosen precision",
+                                   description=__doc__)
+    add_job_args(parser)
+    parser.add_argument("--checkpoint", required=True, help="checkpoint directory <root>/<run>/step-NNNNNNNNN")
+    parser.add_argument("--steps", type=int, required=True, help="window length W: steps to replay")
+    parser.add_argument("--precision", choices=["fp8", "bf16"], help="default: the checkpoint's precision")
+    parser.add_argument("--out", help="run directory (default: runs/<job>-replay-<time>)")
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    job = load_job_from_args(args)
+    if args.steps < 1:
+        print("--steps: expected a positive window length", file=sys.stderr)
+        return 2
+    trainer = Trainer(job)
+    try:
+        store, step = locate_checkpoint(args.checkpoint)
+        snapshot = store.load(step, expected_job_hash=trainer.job_hash)
+    except CheckpointError as exc:
+        print(f"cannot replay: {exc}", file=sys.stderr)
+        return 2
+    trainer.restore(snapshot)
+    if args.precision:
+        trainer.set_precision(args.precision)
+    until_step = min(step + args.steps, job.steps)
+    run_dir = RunDir(args.out or default_out_dir("replay", job))
+    progress = Progress(step, until_step, f"replay {trainer.precision.value} @ {step}")
+    started = time.perf_counter()
+
+    def on_record(record):
+        run_dir.append_record(record)
+        progress.update(record)
+
+    settings = LoopSettings(until_step=until_step, eval_at_end=True, eval_batches=job.eval.batches)
+    records = run_steps(trainer, settings, on_record=on_record).records
+    summary = {
+        "job": job.name,
+        "job_hash": trainer.job_hash,
+        "checkpoint": store.step_uri(step),
+        "precision": trainer.precision.value,
+        "window_start": step,
+        "num_steps": len(records),
+        "final_loss": records[-1].loss if records else None,
+        "final_eval_loss": records[-1].eval_loss if records else None,
+        "wall_s": time.perf_counter() - started,
+    }
+    run_dir.write_summary(summary)
+    run_dir.close()
+    print(f"replayed steps [{step}, {until_step}) in {trainer.precision.value} -> {run_dir.path}")
+    return 0

@@ -1,0 +1,64 @@
+"""Drive a trainer over a range of steps: records out, checkpoints committed on a cadence.
+
+Shared by `shadow train`, `shadow replay` and the Ray trainer actors, so the main job and its replays
+run the very same loop.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+from shadow.checkpoint import CheckpointStore, CommitInfo
+from shadow.records import StepRecord
+from shadow.trainer import Trainer
+
+
+@dataclass
+class LoopSettings:
+    until_step: int  # run steps [trainer.step, until_step)
+    checkpoint_every: int = 0  # commit when trainer.step is a multiple (0: never on cadence)
+    checkpoint_at_start: bool = False  # commit the starting state (step 0 of a fresh job)
+    checkpoint_at_end: bool = False  # also commit the state after the last step
+    eval_every: int = 0  # evaluate after steps s with (s + 1) % eval_every == 0
+    eval_at_end: bool = False
+    eval_batches: int = 4
+
+
+@dataclass
+class LoopResult:
+    records: list[StepRecord] = field(default_factory=list)
+    commits: list[CommitInfo] = field(default_factory=list)
+
+
+def run_steps(
+    trainer: Trainer,
+    settings: LoopSettings,
+    store: CheckpointStore | None = None,
+    on_record: Callable[[StepRecord], None] | None = None,
+    on_commit: Callable[[CommitInfo], None] | None = None,
+) -> LoopResult:
+    result = LoopResult()
+
+    def commit() -> None:
+        info = store.save(trainer.snapshot())
+        result.commits.append(info)
+        if on_commit:
+            on_commit(info)
+
+    if store is not None and settings.checkpoint_at_start:
+        commit()
+    while trainer.step < settings.until_step:
+        record = trainer.train_step()
+        is_last = trainer.step == settings.until_step
+        periodic_eval = settings.eval_every and trainer.step % settings.eval_every == 0
+        if periodic_eval or (is_last and settings.eval_at_end):
+            record.eval_loss = trainer.evaluate(settings.eval_batches)
+        result.records.append(record)
+        if on_record:
+            on_record(record)
+        if store is not None:
+            on_cadence = settings.checkpoint_every and trainer.step % settings.checkpoint_every == 0
+            if on_cadence or (is_last and settings.checkpoint_at_end):
+                commit()
+    return result

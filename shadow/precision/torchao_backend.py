@@ -1,0 +1,67 @@
+"""torchao float8 training: real FP8 GEMMs (torch._scaled_mm) on Hopper GPUs, emulated on CPU.
+
+Each layer is a torchao `Float8Linear` whose forward falls back to the shared BF16 path while the job
+runs in BF16, so a precision switch needs no module swap. torchao scales dynamically (per tensor for
+`tensorwise`, per row for `rowwise`), so there is no scaling state to checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+from torch import nn
+
+from shadow.config.job import PrecisionConfig, PrecisionMode
+from shadow.precision.base import BackendUnavailable, PrecisionBackend, bf16_linear
+from shadow.precision.formats import round_to_bf16
+
+
+def _import_torchao():
+    try:
+        from torchao.float8.config import Float8LinearConfig
+        from torchao.float8.float8_linear import Float8Linear
+    except ImportError as exc:
+        raise BackendUnavailable(
+            f"precision.backend 'torchao' needs torchao ({exc}); install it with `pip install shadow[torchao]` "
+            "or use precision.backend=emulated"
+        ) from None
+    return Float8LinearConfig, Float8Linear
+
+
+class TorchaoBackend(PrecisionBackend):
+    name = "torchao"
+
+    def __init__(self, config: PrecisionConfig, device: torch.device):
+        super().__init__(config, device)
+        float8_config_cls, float8_linear_cls = _import_torchao()
+        emulate = device.type != "cuda" or torch.cuda.get_device_capability(device) < (8, 9)
+        base = float8_config_cls.from_recipe_name(config.torchao_recipe)
+        fields = dict(emulate=emulate)
+        if config.format == "e4m3" and config.torchao_recipe == "tensorwise":
+            fields["cast_config_grad_output"] = type(base.cast_config_grad_output)(target_dtype=torch.float8_e4m3fn)
+        self.float8_config = dataclasses.replace(base, **fields)
+        self.emulate = emulate
+        self._layer_cls = _make_layer_class(float8_linear_cls)
+
+    def linear(self, in_features: int, out_features: int) -> nn.Module:
+        return self._layer_cls(in_features, out_features, bias=False, config=self.float8_config, backend=self)
+
+    def describe(self) -> dict:
+        return {**super().describe(), "torchao_recipe": self.config.torchao_recipe, "emulate": self.emulate}
+
+
+def _make_layer_class(float8_linear_cls):
+    class TorchaoFp8Linear(float8_linear_cls):
+        def __init__(self, *args, backend: TorchaoBackend, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.backend = backend
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            if self.backend.mode is PrecisionMode.BF16:
+                return bf16_linear(x, self.weight)
+            out = super().forward(x)
+            # On CPU torchao emulates in fp32; round to bf16 like the GPU GEMM's bf16 output.
+            return round_to_bf16(out) if x.device.type == "cpu" else out
+
+    return TorchaoFp8Linear

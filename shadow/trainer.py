@@ -1,0 +1,196 @@
+"""One training rank: a step, a precision switch at a step boundary, snapshot and exact restore.
+
+Step numbering: `trainer.step` is the number of completed optimizer steps. `train_step()` runs global
+step `s = trainer.step` on `data.batch(s)` and returns its record with `step = s`. A snapshot taken
+when `trainer.step == k` continues with step k, so a replay from it covers the window [k, k + W).
+
+Everything that influences the next step is in the snapshot: weights, FP8 scaling buffers (model
+state), AdamW moments and step counts, the step (which fixes the LR schedule and the batch), and RNG
+states. The LR schedule is a pure function of the step, so it has no state of its own.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import time
+
+import torch
+
+from shadow.config.job import JobConfig, OptimConfig, PrecisionMode
+from shadow.config.loader import to_dict
+from shadow.data import StepData
+from shadow.model import Transformer
+from shadow.precision import build_backend
+from shadow.records import StepRecord
+from shadow.snapshot import Snapshot
+
+
+# Transformer Engine pickles its FP8 metadata into `_extra_state`; the backend exports it as tensors.
+_PICKLED_EXTRA_STATE = "_extra_state"
+
+
+def lr_at(config: OptimConfig, step: int, total_steps: int) -> float:
+    """Linear warmup over `warmup_steps`, then cosine decay to `min_lr` over `decay_steps`."""
+    if step < config.warmup_steps:
+        return config.lr * (step + 1) / config.warmup_steps
+    decay_steps = config.decay_steps or max(1, total_steps - config.warmup_steps)
+    progress = min(1.0, (step - config.warmup_steps) / decay_steps)
+    return config.min_lr + 0.5 * (config.lr - config.min_lr) * (1.0 + math.cos(math.pi * progress))
+
+
+def job_hash(job: JobConfig) -> str:
+    """Hash of every setting that shapes the trajectory, so a checkpoint of another job is refused.
+
+    The precision mode is left out (replays run the same job in another precision), as are where
+    checkpoints go, evaluation cadence and resources.
+    """
+    config = to_dict(job)
+    config["precision"].pop("mode")
+    for key in ("name", "checkpoint", "eval", "resources"):
+        config.pop(key)
+    return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("resources.device: 'cuda' was asked for but no CUDA GPU is visible; use 'cpu' or 'auto'")
+    return torch.device(name)
+
+
+class Trainer:
+    def __init__(self, job: JobConfig):
+        self.job = job
+        torch.set_num_threads(job.resources.cpus_per_rank)
+        self.device = resolve_device(job.resources.device)
+        self.backend = build_backend(job.precision, self.device)
+        self.model = Transformer(job.model, self.backend).to(self.device)
+        self.model.init_weights(job.seed)
+        self.data = StepData(job.data, job.model.seq_len, job.batch_size, job.model.vocab_size)
+        decay = [p for p in self.model.parameters() if p.dim() >= 2]
+        no_decay = [p for p in self.model.parameters() if p.dim() < 2]
+        self.optimizer = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": job.optim.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=job.optim.lr,
+            betas=(job.optim.beta1, job.optim.beta2),
+            eps=job.optim.eps,
+            foreach=False,
+        )
+        self._param_names = {id(p): name for name, p in self.model.named_parameters()}
+        self.job_hash = job_hash(job)
+        self.step = 0
+
+    @property
+    def precision(self) -> PrecisionMode:
+        return self.backend.mode
+
+    def set_precision(self, mode: PrecisionMode | str) -> None:
+        """Switch FP8 <-> BF16; applies from the next step, with the model and optimizer unchanged."""
+        self.backend.set_mode(PrecisionMode(mode))
+
+    def train_step(self) -> StepRecord:
+        step = self.step
+        start = time.perf_counter()
+        self.backend.begin_step(step)
+        lr = lr_at(self.job.optim, step, self.job.steps)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        inputs, targets = (t.to(self.device) for t in self.data.batch(step))
+        self.optimizer.zero_grad(set_to_none=True)
+        with self.backend.autocast():
+            loss = self.model.loss(inputs, targets)
+        loss.backward()
+        clip = self.job.optim.grad_clip if self.job.optim.grad_clip > 0 else float("inf")
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip))
+        telemetry = {}
+        if math.isfinite(grad_norm):
+            self.optimizer.step()
+        else:
+            telemetry["skipped_update"] = 1.0  # a non-finite gradient would destroy the weights
+        self.backend.end_step(self.model)
+        self.step = step + 1
+        return StepRecord(
+            step=step,
+            loss=float(loss.detach()),
+            precision=self.precision.value,
+            tokens=inputs.numel(),
+            step_time_s=time.perf_counter() - start,
+            grad_norm=grad_norm,
+            lr=lr,
+            telemetry=telemetry,
+        )
+
+    @torch.no_grad()
+    def evaluate(self, num_batches: int) -> float:
+        """Mean loss over the fixed held-out batches, in the current precision; state is untouched."""
+        losses = []
+        with self.backend.not_recording(), self.backend.autocast():
+            for inputs, targets in self.data.eval_batches(num_batches):
+                losses.append(float(self.model.loss(inputs.to(self.device), targets.to(self.device))))
+        return sum(losses) / len(losses)
+
+    def snapshot(self) -> Snapshot:
+        """A CPU copy of the full state; the caller may persist it while training goes on."""
+        tensors = {
+            f"model.{k}": v.detach().to("cpu", copy=True)
+            for k, v in self.model.state_dict().items()
+            if not k.endswith(_PICKLED_EXTRA_STATE)
+        }
+        tensors.update({f"precision.{k}": v for k, v in self.backend.extra_state(self.model).items()})
+        for param, state in self.optimizer.state.items():
+            name = self._param_names[id(param)]
+            for key, value in state.items():
+                tensors[f"optim.{name}.{key}"] = value.detach().to("cpu", copy=True)
+        tensors["rng.torch_cpu"] = torch.get_rng_state()
+        if self.device.type == "cuda":
+            tensors["rng.torch_cuda"] = torch.cuda.get_rng_state(self.device)
+        groups = [{k: v for k, v in g.items() if k != "params"} for g in self.optimizer.state_dict()["param_groups"]]
+        meta = {
+            "step": self.step,
+            "precision": self.precision.value,
+            "job_hash": self.job_hash,
+            "job_name": self.job.name,
+            "param_groups": groups,
+        }
+        return Snapshot(step=self.step, tensors=tensors, meta=meta)
+
+    def restore(self, snapshot: Snapshot) -> None:
+        """Load a snapshot taken by a trainer of the same job; the precision mode comes with it."""
+        if snapshot.meta.get("job_hash") != self.job_hash:
+            raise ValueError(
+                f"checkpoint at step {snapshot.step} belongs to job hash {snapshot.meta.get('job_hash')!r}, "
+                f"this job is {self.job_hash!r}: a replay must use the main job's config"
+            )
+        missing, unexpected = self.model.load_state_dict(snapshot.group("model"), strict=False)
+        missing = [k for k in missing if not k.endswith(_PICKLED_EXTRA_STATE)]
+        if missing or unexpected:
+            raise ValueError(f"checkpoint at step {snapshot.step} does not fit this model: "
+                             f"missing {missing[:5]}, unexpected {unexpected[:5]}")
+        self.backend.load_extra_state(self.model, snapshot.group("precision"))
+        optim_tensors = snapshot.group("optim")
+        param_index = {name: i for i, name in enumerate(self._ordered_param_names())}
+        state: dict[int, dict[str, torch.Tensor]] = {}
+        for key, value in optim_tensors.items():
+            name, _, field = key.rpartition(".")
+            if name not in param_index:
+                raise ValueError(f"checkpoint at step {snapshot.step} has optimizer state for unknown parameter {name!r}")
+            # clone: the optimizer updates its state in place and must not write into the snapshot
+            state.setdefault(param_index[name], {})[field] = value.clone()
+        groups = []
+        start = 0
+        for saved, group in zip(snapshot.meta["param_groups"], self.optimizer.param_groups):
+            groups.append({**saved, "params": list(range(start, start + len(group["params"])))})
+            start += len(group["params"])
+        self.optimizer.load_state_dict({"state": state, "param_groups": groups})
+        torch.set_rng_state(snapshot.tensors["rng.torch_cpu"])
+        if self.device.type == "cuda" and "rng.torch_cuda" in snapshot.tensors:
+            torch.cuda.set_rng_state(snapshot.tensors["rng.torch_cuda"], self.device)
+        self.set_precision(snapshot.meta["precision"])
+        self.step = snapshot.step
+
+    def _ordered_param_names(self) -> list[str]:
+        """Parameter names in the optimizer's own order (what its state_dict indices refer to)."""
+        return [self._param_names[id(p)] for group in self.optimizer.param_groups for p in group["params"]]
