@@ -6,12 +6,7 @@ import argparse
 import sys
 import time
 
-from shadow.checkpoint import open_store
 from shadow.cli.common import add_job_args, default_out_dir, load_job_from_args
-from shadow.cli.progress import Progress
-from shadow.loop import LoopSettings, run_steps
-from shadow.rundir import RunDir
-from shadow.trainer import Trainer
 
 
 def register(subparsers) -> None:
@@ -26,6 +21,13 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    # torch is imported here, not at module level, so `shadow policy check` starts fast
+    from shadow.checkpoint import open_store
+    from shadow.cli.progress import Progress
+    from shadow.loop import LoopSettings, run_steps
+    from shadow.rundir import RunDir
+    from shadow.trainer import Trainer
+
     job = load_job_from_args(args)
     if args.precision:
         job.precision.mode = type(job.precision.mode)(args.precision)
