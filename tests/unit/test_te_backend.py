@@ -1,0 +1,135 @@
+"""The Transformer Engine adapter, exercised against a stand-in `transformer_engine` module.
+
+TE cannot be imported without an NVIDIA driver, so these tests check the adapter's own logic: which
+recipe it builds, how autocast is entered per mode, and that scaling state travels as plain tensors.
+The real TE run happens on a GPU machine (see the scale-out issue's note).
+"""
+
+import contextlib
+import sys
+import types
+from dataclasses import dataclass, field
+
+import pytest
+import torch
+
+from shadow.config import load_job
+from shadow.precision import BackendUnavailable, build_backend
+
+CUDA = torch.device("cuda")
+# torch.autocast("cuda") warns and disables itself on a machine without CUDA; the adapter is the subject.
+pytestmark = pytest.mark.filterwarnings("ignore:CUDA is not available")
+
+
+@dataclass
+class FakeMeta:
+    scale: torch.Tensor = field(default_factory=lambda: torch.ones(3))
+    amax_history: torch.Tensor = field(default_factory=lambda: torch.zeros(4, 3))
+
+
+class FakeTeLinear(torch.nn.Module):
+    def __init__(self, in_features, out_features, bias=True, params_dtype=None):
+        super().__init__()
+        assert bias is False and params_dtype == torch.float32
+        self.weight = torch.nn.Parameter(torch.zeros(out_features, in_features))
+        self.fp8_meta = {}
+
+    def init_fp8_metadata(self):
+        assert FAKE.autocast_calls and FAKE.autocast_calls[-1]["enabled"], "must be called under fp8_autocast"
+        self.fp8_meta["scaling_fwd"] = FakeMeta()
+        self.fp8_meta["scaling_bwd"] = FakeMeta(torch.ones(2), torch.zeros(4, 2))
+
+
+class FakeTe:
+    def __init__(self):
+        self.autocast_calls = []
+        self.recipes = []
+        recipe = types.SimpleNamespace(
+            Format=types.SimpleNamespace(HYBRID="HYBRID", E4M3="E4M3"),
+            DelayedScaling=lambda **kw: self.recipes.append(("delayed", kw)) or ("delayed", kw),
+            Float8CurrentScaling=lambda **kw: self.recipes.append(("current", kw)) or ("current", kw),
+        )
+        self.pytorch = types.ModuleType("transformer_engine.pytorch")
+        self.pytorch.Linear = FakeTeLinear
+        self.pytorch.fp8_autocast = self.fp8_autocast
+        self.common = types.ModuleType("transformer_engine.common")
+        self.common.recipe = recipe
+
+    @contextlib.contextmanager
+    def fp8_autocast(self, enabled, calibrating=False, fp8_recipe=None):
+        self.autocast_calls.append({"enabled": enabled, "calibrating": calibrating, "recipe": fp8_recipe})
+        yield
+
+
+FAKE = FakeTe()
+
+
+@pytest.fixture
+def fake_te(monkeypatch):
+    global FAKE
+    FAKE = FakeTe()
+    package = types.ModuleType("transformer_engine")
+    package.pytorch, package.common = FAKE.pytorch, FAKE.common
+    monkeypatch.setitem(sys.modules, "transformer_engine", package)
+    monkeypatch.setitem(sys.modules, "transformer_engine.pytorch", FAKE.pytorch)
+    monkeypatch.setitem(sys.modules, "transformer_engine.common", FAKE.common)
+    monkeypatch.setitem(sys.modules, "transformer_engine.common.recipe", FAKE.common.recipe)
+    return FAKE
+
+
+def _backend(*overrides):
+    return build_backend(load_job(None, ["precision.backend=te", *overrides]).precision, CUDA)
+
+
+def test_delayed_recipe_carries_the_job_settings(fake_te):
+    _backend("precision.amax_history_len=32", "precision.margin=1", "precision.amax_compute=most_recent")
+    kind, kwargs = fake_te.recipes[-1]
+    assert kind == "delayed"
+    assert kwargs == {"margin": 1, "fp8_format": "HYBRID", "amax_history_len": 32, "amax_compute_algo": "most_recent"}
+
+
+def test_current_scaling_and_e4m3_recipe(fake_te):
+    _backend("precision.scaling=current", "precision.format=e4m3")
+    assert fake_te.recipes[-1] == ("current", {"fp8_format": "E4M3"})
+
+
+def test_autocast_enables_fp8_or_calibrates_per_mode(fake_te):
+    backend = _backend()
+    with backend.autocast():
+        pass
+    assert fake_te.autocast_calls[-1] == {"enabled": True, "calibrating": False, "recipe": backend.recipe}
+    backend.set_mode("bf16")
+    with backend.autocast():
+        pass
+    assert fake_te.autocast_calls[-1]["enabled"] is False
+    assert fake_te.autocast_calls[-1]["calibrating"] is True  # delayed scaling keeps amax fresh in BF16
+
+
+def test_scaling_state_round_trips_as_plain_tensors(fake_te):
+    backend = _backend()
+    model = torch.nn.Sequential(backend.linear(4, 4), backend.linear(4, 4))
+    with backend.autocast():
+        for module in model:
+            module.init_fp8_metadata()
+    model[1].fp8_meta["scaling_fwd"].scale.fill_(7.0)
+    model[1].fp8_meta["scaling_bwd"].amax_history.fill_(0.5)
+    exported = backend.extra_state(model)
+    assert set(exported) == {f"{i}.{m}.{t}" for i in (0, 1) for m in ("scaling_fwd", "scaling_bwd")
+                             for t in ("scale", "amax_history")}
+    assert all(isinstance(t, torch.Tensor) and t.dtype == torch.float32 for t in exported.values())
+
+    fresh = torch.nn.Sequential(backend.linear(4, 4), backend.linear(4, 4))  # metadata not created yet
+    backend.load_extra_state(fresh, exported)
+    assert torch.equal(fresh[1].fp8_meta["scaling_fwd"].scale, torch.full((3,), 7.0))
+    assert torch.equal(fresh[1].fp8_meta["scaling_bwd"].amax_history, torch.full((4, 2), 0.5))
+
+    exported["0.scaling_fwd.scale"] = torch.ones(5)
+    with pytest.raises(ValueError, match="0.scaling_fwd.scale"):
+        backend.load_extra_state(fresh, exported)
+
+
+def test_missing_transformer_engine_names_the_alternatives(monkeypatch):
+    monkeypatch.setitem(sys.modules, "transformer_engine", None)  # import raises ImportError
+    monkeypatch.setitem(sys.modules, "transformer_engine.pytorch", None)
+    with pytest.raises(BackendUnavailable, match="shadow\\[te\\].*emulated"):
+        _backend()
