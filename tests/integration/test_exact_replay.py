@@ -95,3 +95,15 @@ def test_replay_refuses_checkpoint_of_another_job(tmp_path, small_job_file, caps
                  "--steps", "2", "--out", str(tmp_path / "r")])
     assert code == 2
     assert "step-000000008/MANIFEST.json: written by job" in capsys.readouterr().err
+
+
+def test_console_entry_point_trains_and_reports(tmp_path, small_job_file):
+    import subprocess
+    import sys
+
+    out = tmp_path / "cli"
+    proc = subprocess.run([sys.executable, "-m", "shadow", "train", "--job", str(small_job_file), "--steps", "3",
+                           "--out", str(out)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "final step 3" in proc.stdout
+    assert [r.step for r in read_trajectory(out)] == [0, 1, 2]
