@@ -21,6 +21,7 @@ class LoopSettings:
     checkpoint_at_start: bool = False  # commit the starting state (step 0 of a fresh job)
     checkpoint_at_end: bool = False  # also commit the state after the last step
     eval_every: int = 0  # evaluate after steps s with (s + 1) % eval_every == 0
+    eval_at: frozenset[int] = frozenset()  # also evaluate when trainer.step reaches one of these
     eval_at_end: bool = False
     eval_batches: int = 4
 
@@ -52,7 +53,7 @@ def run_steps(
         record = trainer.train_step()
         is_last = trainer.step == settings.until_step
         periodic_eval = settings.eval_every and trainer.step % settings.eval_every == 0
-        if periodic_eval or (is_last and settings.eval_at_end):
+        if periodic_eval or trainer.step in settings.eval_at or (is_last and settings.eval_at_end):
             record.eval_loss = trainer.evaluate(settings.eval_batches)
         result.records.append(record)
         if on_record:

@@ -21,6 +21,8 @@ class StepRecord:
     grad_norm: float  # global gradient norm before clipping
     lr: float  # learning rate applied on this step
     eval_loss: float | None = None  # held-out loss after this step, when an evaluation ran
+    lineage: int = 0  # main job: which attempt of history; rows of an older lineage at or after a
+    # rollback/restart point were discarded (see `shadow.rundir.read_history`)
     telemetry: dict[str, float] = field(default_factory=dict)  # optional signals (amax, ...)
 
     def to_json(self) -> str:

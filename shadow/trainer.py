@@ -44,11 +44,11 @@ def job_hash(job: JobConfig) -> str:
     """Hash of every setting that shapes the trajectory, so a checkpoint of another job is refused.
 
     The precision mode is left out (replays run the same job in another precision), as are where
-    checkpoints go, evaluation cadence and resources.
+    checkpoints go, evaluation cadence, resources and how `shadow run` drives the job.
     """
     config = to_dict(job)
     config["precision"].pop("mode")
-    for key in ("name", "checkpoint", "eval", "resources"):
+    for key in ("name", "checkpoint", "eval", "resources", "run"):
         config.pop(key)
     return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:16]
 

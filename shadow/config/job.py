@@ -233,6 +233,23 @@ class ResourcesConfig:
 
 
 @dataclass
+class RunConfig:
+    """How `shadow run` drives the main job (not part of the trajectory: excluded from the job hash)."""
+
+    chunk_steps: int = 10  # main-job steps per controller round trip; decisions land on these boundaries
+    fp8_speedup: float = 1.3  # FP8-over-BF16 step speedup assumed in the effective-speedup estimate
+    # (1.3x is 01.AI's reported figure; published Hopper figures range 1.2-1.5x; measure yours)
+
+    def problems(self):
+        found = []
+        if self.chunk_steps < 1:
+            found.append(("chunk_steps", self.chunk_steps, "a positive integer"))
+        if not self.fp8_speedup > 0:
+            found.append(("fp8_speedup", self.fp8_speedup, "a positive number"))
+        return found
+
+
+@dataclass
 class JobConfig:
     name: str = "tiny"  # names the run directory, checkpoints and the MLflow experiment
     steps: int = 300  # total optimizer steps of the main job
@@ -245,6 +262,7 @@ class JobConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     resources: ResourcesConfig = field(default_factory=ResourcesConfig)
+    run: RunConfig = field(default_factory=RunConfig)
 
     def problems(self):
         found = []
