@@ -6,10 +6,11 @@ run the very same loop.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from typing import Callable
 
-from shadow.checkpoint import CheckpointStore, CommitInfo
+from shadow.checkpoint import CheckpointEvent, CheckpointStore, CommitInfo, SyncPersister
 from shadow.records import StepRecord
 from shadow.trainer import Trainer
 
@@ -29,7 +30,9 @@ class LoopSettings:
 @dataclass
 class LoopResult:
     records: list[StepRecord] = field(default_factory=list)
-    commits: list[CommitInfo] = field(default_factory=list)
+    commits: list[CommitInfo] = field(default_factory=list)  # commits reported while the loop ran
+    checkpoint_events: list[CheckpointEvent] = field(default_factory=list)  # commits, failures, deletions
+    checkpoint_block_s: list[float] = field(default_factory=list)  # loop time lost per checkpoint
 
 
 def run_steps(
@@ -37,17 +40,35 @@ def run_steps(
     settings: LoopSettings,
     store: CheckpointStore | None = None,
     on_record: Callable[[StepRecord], None] | None = None,
-    on_commit: Callable[[CommitInfo], None] | None = None,
+    on_checkpoint: Callable[[CheckpointEvent], None] | None = None,
+    *,
+    persister: SyncPersister | None = None,
 ) -> LoopResult:
+    """Run the steps; checkpoints go to `persister` (e.g. an AsyncPersister) or are saved to `store` in line.
+
+    With an asynchronous persister the loop blocks only for the snapshot (and for a previous save still
+    in flight); events of saves that finish later stay in the persister for its owner to `poll`.
+    """
+    assert store is None or persister is None, "pass a store or a persister, not both"
+    if store is not None:
+        persister = SyncPersister(store)
     result = LoopResult()
 
-    def commit() -> None:
-        info = store.save(trainer.snapshot())
-        result.commits.append(info)
-        if on_commit:
-            on_commit(info)
+    def collect() -> None:
+        for event in persister.poll():
+            result.checkpoint_events.append(event)
+            if isinstance(event, CommitInfo):
+                result.commits.append(event)
+            if on_checkpoint:
+                on_checkpoint(event)
 
-    if store is not None and settings.checkpoint_at_start:
+    def commit() -> None:
+        started = time.perf_counter()
+        persister.submit(trainer.snapshot())
+        result.checkpoint_block_s.append(time.perf_counter() - started)
+        collect()
+
+    if persister is not None and settings.checkpoint_at_start:
         commit()
     while trainer.step < settings.until_step:
         record = trainer.train_step()
@@ -58,8 +79,10 @@ def run_steps(
         result.records.append(record)
         if on_record:
             on_record(record)
-        if store is not None:
+        if persister is not None:
             on_cadence = settings.checkpoint_every and trainer.step % settings.checkpoint_every == 0
             if on_cadence or (is_last and settings.checkpoint_at_end):
                 commit()
+            else:
+                collect()
     return result

@@ -29,6 +29,14 @@ class CheckpointError(RuntimeError):
     """A checkpoint that cannot be used; the message names the URI and the file."""
 
 
+class StorageError(CheckpointError):
+    """The storage could not be reached or refused access: the checkpoint itself may be fine.
+
+    Kept apart from damaged checkpoints so that a search for the newest usable checkpoint stops on
+    it instead of silently falling back to an older one.
+    """
+
+
 def step_dirname(step: int) -> str:
     return f"step-{step:09d}"
 
@@ -76,6 +84,18 @@ def parse_manifest(data: bytes, where: str) -> dict:
         if not isinstance(entry.get("bytes"), int) or not isinstance(entry.get("sha256"), str):
             raise CheckpointError(f"{where}/{MANIFEST}: entry for {path} lacks bytes/sha256")
     return manifest
+
+
+def check_identity(manifest: dict, where: str, *, run: str, step: int, job_hash: str | None) -> None:
+    """Refuse a manifest written for another run, step or job config (e.g. a directory copied in)."""
+    if manifest.get("run") != run:
+        raise CheckpointError(f"{where}/{MANIFEST}: written by run {manifest.get('run')!r}, this store is run "
+                              f"{run!r}; point --checkpoint at the run that wrote it")
+    if manifest.get("step") != step:
+        raise CheckpointError(f"{where}/{MANIFEST}: records step {manifest.get('step')}, expected {step}")
+    if job_hash is not None and manifest.get("job_hash") != job_hash:
+        raise CheckpointError(f"{where}/{MANIFEST}: written by job {manifest.get('job_hash')!r}, this job is "
+                              f"{job_hash!r}; use the job config (and --set overrides) of the run that wrote it")
 
 
 def _is_plain_name(path: str) -> bool:

@@ -1,23 +1,34 @@
-"""Checkpoint stores: the same commit protocol over a local directory (and, later, S3).
+"""The checkpoint store: one commit protocol over any storage (a directory, an S3 prefix).
 
-`save` writes every file of the checkpoint and then the manifest; `load` reads the manifest, reads
-each listed file and checks its size and sha256 before decoding. The layout is
-`<root>/<run>/step-<NNNNNNNNN>/<file>`.
+Layout: `<root>/<run>/step-<NNNNNNNNN>/<file>` and `<root>/<run>/pins/<pin>`.
+- `save` writes every file of the checkpoint, then `MANIFEST.json` (sizes and sha256 of all of them).
+  The manifest is the commit: a step directory without one is an interrupted save, invisible to readers.
+- `load` reads the manifest and every listed file, checks size and sha256, then decodes safetensors and
+  JSON only. Files the manifest does not list are never opened.
+- `latest_committed` is the newest checkpoint that verifies; damaged or foreign ones are skipped (and
+  logged once), storage errors are raised. Verification results are cached per (step, manifest bytes).
+- Retention deletes all but the newest `keep_last` committed checkpoints, except pinned ones and the
+  latest; deletion removes the manifest first, so a half-deleted checkpoint is never readable.
+
+Subclasses implement six primitives on paths relative to the run directory; they raise
+FileNotFoundError for an absent file and StorageError for storage that cannot be used.
 """
 
 from __future__ import annotations
 
-import os
-import shutil
+import hashlib
+import logging
+import threading
 import time
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
-from pathlib import Path
 
+from shadow.checkpoint.events import CheckpointDeleted, CommitInfo
 from shadow.checkpoint.format import (
     MANIFEST,
     CheckpointError,
+    StorageError,
     build_manifest,
+    check_identity,
     decode,
     encode,
     parse_manifest,
@@ -25,21 +36,23 @@ from shadow.checkpoint.format import (
     step_dirname,
     verify_file,
 )
+from shadow.checkpoint.retention import PINS_DIR, parse_pin_name, pin_name, select_for_deletion
 from shadow.snapshot import Snapshot
 
-
-@dataclass(frozen=True)
-class CommitInfo:
-    step: int
-    uri: str
-    num_bytes: int
-    seconds: float
+log = logging.getLogger(__name__)
 
 
 class CheckpointStore(ABC):
-    def __init__(self, root: str, run: str):
+    def __init__(self, root: str, run: str, keep_last: int = 0):
         self.root = root.rstrip("/")
         self.run = run
+        self.keep_last = keep_last  # job `checkpoint.keep`: 0 keeps every checkpoint
+        # (step, sha256 of the manifest) -> "" when every file matched, else the error text
+        self._verified: dict[tuple[int, str], str] = {}
+        self._verified_lock = threading.Lock()
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.run_uri!r})"
 
     @property
     def run_uri(self) -> str:
@@ -48,131 +61,180 @@ class CheckpointStore(ABC):
     def step_uri(self, step: int) -> str:
         return f"{self.run_uri}/{step_dirname(step)}"
 
-    @abstractmethod
-    def _write(self, step: int, name: str, data: bytes) -> None: ...
+    # -- storage primitives: paths are relative to the run directory, '/'-separated -----------------
 
     @abstractmethod
-    def _read(self, step: int, name: str) -> bytes:
-        """Raise FileNotFoundError when absent."""
+    def _put(self, path: str, data: bytes) -> None:
+        """Write a whole file; readers see the old content, nothing, or all of the new one."""
 
     @abstractmethod
-    def _step_dirs(self) -> list[str]: ...
+    def _get(self, path: str) -> bytes: ...
 
     @abstractmethod
-    def _delete(self, step: int) -> None: ...
+    def _list(self, directory: str) -> tuple[list[str], list[str]]:
+        """(subdirectory names, file names) directly under `directory` ("" is the run directory)."""
+
+    @abstractmethod
+    def _remove(self, path: str) -> None:
+        """Delete one file; an absent file is not an error."""
+
+    @abstractmethod
+    def _remove_tree(self, directory: str) -> None:
+        """Delete a directory and everything under it; an absent one is not an error."""
+
+    @abstractmethod
+    def check(self) -> None:
+        """Fail fast, before training, if the storage is unreachable or refuses access (StorageError)."""
+
+    # -- commit and read ----------------------------------------------------------------------------
 
     def save(self, snapshot: Snapshot) -> CommitInfo:
         start = time.perf_counter()
+        step = snapshot.step
         files = encode(snapshot)
-        self._delete(snapshot.step)  # an earlier, possibly partial, save of this step
+        self._delete_step(step)  # an earlier, possibly partial, save of this step
         for name, data in files.items():
-            self._write(snapshot.step, name, data)
-        manifest = build_manifest(files, run=self.run, step=snapshot.step, job_hash=snapshot.meta.get("job_hash", ""))
-        self._write(snapshot.step, MANIFEST, manifest)
+            self._put(f"{step_dirname(step)}/{name}", data)
+        manifest = build_manifest(files, run=self.run, step=step, job_hash=snapshot.meta.get("job_hash", ""))
+        self._put(f"{step_dirname(step)}/{MANIFEST}", manifest)
+        # these are the bytes just hashed: a later latest_committed() need not download them again
+        self._remember(step, manifest, "")
         num_bytes = sum(len(d) for d in files.values()) + len(manifest)
-        return CommitInfo(snapshot.step, self.step_uri(snapshot.step), num_bytes, time.perf_counter() - start)
+        return CommitInfo(step, self.step_uri(step), num_bytes, time.perf_counter() - start)
 
-    def _manifest(self, step: int) -> dict:
-        where = self.step_uri(step)
+    def load(self, step: int, expected_job_hash: str | None = None) -> Snapshot:
+        """Read, verify (size and sha256 of every file, always) and decode a committed checkpoint."""
+        raw, manifest = self._manifest(step, expected_job_hash)
         try:
-            data = self._read(step, MANIFEST)
-        except FileNotFoundError:
-            raise CheckpointError(f"{where}/{MANIFEST}: missing (the save was interrupted)") from None
-        return parse_manifest(data, where)
+            files = {entry["path"]: self._verified_file(step, entry) for entry in manifest["files"]}
+            snapshot = decode(files, self.step_uri(step))
+        except StorageError:
+            raise
+        except CheckpointError as exc:
+            self._remember(step, raw, str(exc))
+            raise
+        self._remember(step, raw, "")
+        return snapshot
+
+    def verify(self, step: int, expected_job_hash: str | None = None) -> None:
+        """Check a checkpoint without decoding it: manifest, identity, every file's size and sha256."""
+        raw, manifest = self._manifest(step, expected_job_hash)
+        key = (step, hashlib.sha256(raw).hexdigest())
+        with self._verified_lock:
+            known = self._verified.get(key)
+        if known is not None:
+            if known:
+                raise CheckpointError(known)
+            return
+        try:
+            for entry in manifest["files"]:
+                self._verified_file(step, entry)
+        except StorageError:
+            raise
+        except CheckpointError as exc:
+            self._remember(step, raw, str(exc))
+            log.warning("skipping damaged checkpoint: %s", exc)
+            raise
+        self._remember(step, raw, "")
 
     def list_committed(self) -> list[int]:
-        """Steps whose checkpoint has a well-formed manifest, ascending."""
+        """Steps with a well-formed manifest of this run, ascending (files are not hashed here)."""
         steps = []
-        for name in self._step_dirs():
-            step = parse_step_dirname(name)
-            if step is None:
-                continue
+        for step in self._step_dirs():
             try:
-                self._manifest(step)
+                self._manifest(step, None)
+            except StorageError:
+                raise
             except CheckpointError:
                 continue
             steps.append(step)
-        return sorted(steps)
+        return steps
 
-    def latest_committed(self) -> int | None:
-        steps = self.list_committed()
-        return steps[-1] if steps else None
-
-    def load(self, step: int, expected_job_hash: str | None = None) -> Snapshot:
-        where = self.step_uri(step)
-        manifest = self._manifest(step)
-        if manifest.get("step") != step:
-            raise CheckpointError(f"{where}/{MANIFEST}: records step {manifest.get('step')}, expected {step}")
-        if expected_job_hash is not None and manifest.get("job_hash") != expected_job_hash:
-            raise CheckpointError(
-                f"{where}/{MANIFEST}: written by job {manifest.get('job_hash')!r}, this job is {expected_job_hash!r}"
-            )
-        files = {}
-        for entry in manifest["files"]:
+    def latest_committed(self, expected_job_hash: str | None = None) -> int | None:
+        """The newest checkpoint that verifies (and belongs to `expected_job_hash` when given)."""
+        for step in reversed(self._step_dirs()):
             try:
-                data = self._read(step, entry["path"])
-            except FileNotFoundError:
-                raise CheckpointError(f"{where}/{entry['path']}: listed in the manifest but missing") from None
-            verify_file(entry, data, where)
-            files[entry["path"]] = data
-        return decode(files, where)
+                self.verify(step, expected_job_hash)
+            except StorageError:
+                raise
+            except CheckpointError:
+                continue
+            return step
+        return None
 
+    # -- pins and retention -------------------------------------------------------------------------
 
-class LocalStore(CheckpointStore):
-    """A directory on a local or mounted file system; files are fsynced before the manifest."""
+    def pin(self, step: int, reason: str) -> None:
+        """Protect a committed checkpoint from retention until `unpin(step, reason)`."""
+        name = pin_name(step, reason)
+        self._manifest(step, None)  # only a committed checkpoint can be pinned
+        self._put(f"{PINS_DIR}/{name}", b"")
 
-    def __init__(self, root: str, run: str):
-        super().__init__(str(Path(root).expanduser().absolute()), run)
+    def unpin(self, step: int, reason: str) -> None:
+        self._remove(f"{PINS_DIR}/{pin_name(step, reason)}")
 
-    def _dir(self, step: int) -> Path:
-        return Path(self.run_uri) / step_dirname(step)
+    def pins(self) -> dict[int, set[str]]:
+        """Pinned steps and the reasons each is held for."""
+        held: dict[int, set[str]] = {}
+        for name in self._list(PINS_DIR)[1]:
+            parsed = parse_pin_name(name)
+            if parsed is not None:
+                held.setdefault(parsed[0], set()).add(parsed[1])
+        return held
 
-    def _write(self, step: int, name: str, data: bytes) -> None:
-        directory = self._dir(step)
-        directory.mkdir(parents=True, exist_ok=True)
-        tmp = directory / f".{name}.tmp"
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, directory / name)
-        if name == MANIFEST:
-            _fsync_dir(directory)
+    def delete(self, step: int) -> None:
+        """Delete one checkpoint (e.g. on an abandoned branch after a rollback); refused while pinned."""
+        held = self.pins().get(step)
+        if held:
+            raise CheckpointError(f"{self.step_uri(step)}: pinned by {sorted(held)}; unpin it before deleting")
+        self._delete_step(step)
 
-    def _read(self, step: int, name: str) -> bytes:
-        return (self._dir(step) / name).read_bytes()
+    def prune(self) -> list[CheckpointDeleted]:
+        """Apply `keep_last`: never a pinned checkpoint, never the latest committed or latest valid one."""
+        if self.keep_last == 0:
+            return []
+        committed = self.list_committed()
+        protected = set(self.pins()) | set(committed[-1:]) | {self.latest_committed()}
+        deleted = []
+        for step in select_for_deletion(committed, self.keep_last, protected):
+            if step in self.pins():  # pinned while this pass ran (pins come from another process)
+                continue
+            self._delete_step(step)
+            deleted.append(CheckpointDeleted(step, self.step_uri(step), f"retention: keep_last={self.keep_last}"))
+        return deleted
 
-    def _step_dirs(self) -> list[str]:
-        run_dir = Path(self.run_uri)
-        return [p.name for p in run_dir.iterdir() if p.is_dir()] if run_dir.is_dir() else []
+    # -- internals ----------------------------------------------------------------------------------
 
-    def _delete(self, step: int) -> None:
-        shutil.rmtree(self._dir(step), ignore_errors=True)
+    def _step_dirs(self) -> list[int]:
+        steps = (parse_step_dirname(name) for name in self._list("")[0])
+        return sorted(step for step in steps if step is not None)
 
+    def _manifest(self, step: int, expected_job_hash: str | None) -> tuple[bytes, dict]:
+        where = self.step_uri(step)
+        try:
+            raw = self._get(f"{step_dirname(step)}/{MANIFEST}")
+        except FileNotFoundError:
+            raise CheckpointError(f"{where}/{MANIFEST}: missing (not committed: the save was interrupted "
+                                  "or is still running)") from None
+        manifest = parse_manifest(raw, where)
+        check_identity(manifest, where, run=self.run, step=step, job_hash=expected_job_hash)
+        return raw, manifest
 
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    def _verified_file(self, step: int, entry: dict) -> bytes:
+        where = self.step_uri(step)
+        try:
+            data = self._get(f"{step_dirname(step)}/{entry['path']}")
+        except FileNotFoundError:
+            raise CheckpointError(f"{where}/{entry['path']}: listed in the manifest but missing") from None
+        verify_file(entry, data, where)
+        return data
 
+    def _remember(self, step: int, manifest: bytes, error: str) -> None:
+        with self._verified_lock:
+            self._verified[(step, hashlib.sha256(manifest).hexdigest())] = error
 
-def open_store(uri: str, run: str) -> CheckpointStore:
-    """A store for `uri`: a path or file:// URI (s3:// arrives with the S3 store)."""
-    if uri.startswith("file://"):
-        return LocalStore(uri[len("file://") :], run)
-    if "://" in uri:
-        raise CheckpointError(f"checkpoint.uri: {uri!r} has an unsupported scheme; use a path or file://")
-    return LocalStore(uri, run)
-
-
-def locate_checkpoint(uri: str) -> tuple[CheckpointStore, int]:
-    """Split `<root>/<run>/step-<N>` (a path or URI) into its store and step."""
-    trimmed = uri.rstrip("/")
-    head, _, name = trimmed.rpartition("/")
-    root, _, run = head.rpartition("/")
-    step = parse_step_dirname(name)
-    if step is None or not run:
-        raise CheckpointError(f"{uri}: expected a checkpoint directory named like <root>/<run>/step-000000050")
-    return open_store(root or "/", run), step
+    def _delete_step(self, step: int) -> None:
+        with self._verified_lock:
+            self._verified = {k: v for k, v in self._verified.items() if k[0] != step}
+        self._remove(f"{step_dirname(step)}/{MANIFEST}")  # first: from here on nobody can load it
+        self._remove_tree(step_dirname(step))

@@ -22,7 +22,7 @@ def register(subparsers) -> None:
 
 def run(args: argparse.Namespace) -> int:
     # torch is imported here, not at module level, so `shadow policy check` starts fast
-    from shadow.checkpoint import open_store
+    from shadow.checkpoint import AsyncPersister, CheckpointError, CheckpointFailed, CommitInfo, open_store
     from shadow.cli.progress import Progress
     from shadow.loop import LoopSettings, run_steps
     from shadow.rundir import RunDir
@@ -36,7 +36,13 @@ def run(args: argparse.Namespace) -> int:
         return 2
     until_step = job.steps if args.steps is None else min(args.steps, job.steps)
     run_dir = RunDir(args.out or default_out_dir("train", job))
-    store = open_store(job.checkpoint.uri or str(run_dir.path / "checkpoints"), run_dir.name)
+    try:
+        store = open_store(job.checkpoint.uri or str(run_dir.path / "checkpoints"), run_dir.name,
+                           keep_last=job.checkpoint.keep)
+        store.check()
+    except CheckpointError as exc:
+        print(f"cannot train: {exc}", file=sys.stderr)
+        return 2
     trainer = Trainer(job)
     progress = Progress(0, until_step, f"train {job.precision.mode.value}")
     started = time.perf_counter()
@@ -54,7 +60,19 @@ def run(args: argparse.Namespace) -> int:
         eval_at_end=True,
         eval_batches=job.eval.batches,
     )
-    result = run_steps(trainer, settings, store, on_record=on_record, on_commit=lambda _: run_dir.sync())
+
+    def on_checkpoint(event):
+        run_dir.sync()
+        if isinstance(event, CheckpointFailed):
+            print(f"checkpoint failed: {event.error}", file=sys.stderr)
+
+    # checkpoints are written in the background; the loop blocks only for the CPU snapshot
+    persister = AsyncPersister(store)
+    result = run_steps(trainer, settings, on_record=on_record, on_checkpoint=on_checkpoint, persister=persister)
+    late_events = persister.close()
+    for event in late_events:
+        on_checkpoint(event)
+    events = result.checkpoint_events + late_events
     wall_s = time.perf_counter() - started
     records = result.records
     summary = {
@@ -68,10 +86,11 @@ def run(args: argparse.Namespace) -> int:
         "tokens": sum(r.tokens for r in records),
         "mean_step_time_s": sum(r.step_time_s for r in records) / len(records),
         "wall_s": wall_s,
-        "checkpoints": [c.uri for c in result.commits],
+        "checkpoints": [e.uri for e in events if isinstance(e, CommitInfo)],
+        "max_checkpoint_block_s": max(result.checkpoint_block_s, default=0.0),
     }
     run_dir.write_summary(summary)
     run_dir.close()
     print(f"final step {trainer.step}  loss {summary['final_loss']:.4f}  "
           f"held-out {summary['final_eval_loss']:.4f}  wall {wall_s:.1f}s  -> {run_dir.path}")
-    return 0
+    return 1 if any(isinstance(e, CheckpointFailed) for e in events) else 0

@@ -1,0 +1,54 @@
+"""What a store or persister reports about checkpoints, as data the controller logs as events.
+
+Each class has a `kind` (the `event` name in `events.jsonl`) and `to_event()` for its payload. Error
+texts come from store errors, which name the URI and the file and never carry credentials.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import ClassVar
+
+
+@dataclass(frozen=True)
+class CommitInfo:
+    """A checkpoint whose manifest has been written: readers can load it from now on."""
+
+    kind: ClassVar[str] = "checkpoint_committed"
+    step: int
+    uri: str
+    num_bytes: int
+    seconds: float  # encoding, hashing and writing (on the persister's thread when async)
+
+    def to_event(self) -> dict:
+        return {"event": self.kind, **asdict(self)}
+
+
+@dataclass(frozen=True)
+class CheckpointFailed:
+    """A save (stage "save") or a retention pass after it (stage "retention") that did not complete."""
+
+    kind: ClassVar[str] = "checkpoint_failed"
+    step: int
+    uri: str
+    error: str
+    stage: str = "save"
+
+    def to_event(self) -> dict:
+        return {"event": self.kind, **asdict(self)}
+
+
+@dataclass(frozen=True)
+class CheckpointDeleted:
+    """A checkpoint removed by retention (`keep_last`)."""
+
+    kind: ClassVar[str] = "checkpoint_deleted"
+    step: int
+    uri: str
+    reason: str
+
+    def to_event(self) -> dict:
+        return {"event": self.kind, **asdict(self)}
+
+
+CheckpointEvent = CommitInfo | CheckpointFailed | CheckpointDeleted
