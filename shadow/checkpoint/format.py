@@ -103,12 +103,42 @@ def _is_plain_name(path: str) -> bool:
 
 
 def verify_file(entry: dict, data: bytes, where: str) -> None:
+    """Size and sha256 as the manifest records them, then the file's structure (without decoding it)."""
     if len(data) != entry["bytes"]:
         raise CheckpointError(
             f"{where}/{entry['path']}: {len(data)} bytes, manifest says {entry['bytes']} (truncated or replaced)"
         )
     if hashlib.sha256(data).hexdigest() != entry["sha256"]:
         raise CheckpointError(f"{where}/{entry['path']}: sha256 does not match the manifest (corrupted)")
+    if entry["path"].endswith(".safetensors") and not _is_safetensors(data):
+        raise CheckpointError(f"{where}/{entry['path']}: not a valid safetensors file (header does not parse)")
+
+
+def _is_safetensors(data: bytes) -> bool:
+    """The 8-byte header length, a JSON header, and every tensor's byte range inside the file.
+
+    Checks structure only, so verifying a large checkpoint does not materialize its tensors.
+    """
+    if len(data) < 8:
+        return False
+    header_len = int.from_bytes(data[:8], "little")
+    if header_len > len(data) - 8:
+        return False
+    try:
+        header = json.loads(data[8 : 8 + header_len])
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return False
+    if not isinstance(header, dict):
+        return False
+    body_len = len(data) - 8 - header_len
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        offsets = info.get("data_offsets") if isinstance(info, dict) else None
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)
+                and 0 <= offsets[0] <= offsets[1] <= body_len):
+            return False
+    return True
 
 
 def decode(files: dict[str, bytes], where: str) -> Snapshot:

@@ -30,7 +30,8 @@ def locate_checkpoint(uri: str) -> tuple[CheckpointStore, int]:
     step = parse_step_dirname(name)
     if uri.startswith("s3://"):
         if step is None or not run or not root.startswith("s3://"):
-            raise CheckpointError(f"{uri}: expected a checkpoint named like s3://<bucket>[/<prefix>]/<run>/step-000000050")
+            raise CheckpointError(f"{uri}: expected a checkpoint named like "
+                                  "s3://<bucket>[/<prefix>]/<run>/step-000000050")
     elif step is None or not run:
         raise CheckpointError(f"{uri}: expected a checkpoint directory named like <root>/<run>/step-000000050")
     return open_store(root or "/", run), step
