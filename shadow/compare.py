@@ -13,7 +13,7 @@ therefore serves both directions.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from enum import Enum
 from typing import Sequence
 
@@ -72,6 +72,24 @@ class Verdict:
     def to_dict(self) -> dict:
         """Plain JSON-ready data for events: non-finite floats become strings, like StepRecord rows."""
         return {key: _jsonable(value) for key, value in asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "Verdict":
+        """Inverse of `to_dict` (a resumed controller rebuilds its verdict history from events)."""
+        values = {}
+        for f in fields(cls):
+            value = data.get(f.name)
+            if isinstance(value, list):
+                value = tuple(_float(v) if f.name == "gaps" else v for v in value)
+            elif isinstance(value, str) and value in ("inf", "-inf", "nan"):
+                value = float(value)
+            values[f.name] = value
+        values["kind"] = VerdictKind(values["kind"])
+        return cls(**values)
+
+
+def _float(value):
+    return float(value) if isinstance(value, str) else value
 
 
 def _jsonable(value):

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import time
 from pathlib import Path
 
 from shadow.jsonl import JsonlWriter, read_jsonl
@@ -35,12 +34,10 @@ class RunDir:
             self._trajectory = JsonlWriter(self.path / TRAJECTORY)
         self._trajectory.write_line(record.to_json())
 
-    def append_event(self, kind: str, **payload) -> dict:
+    def write_event(self, event: dict) -> None:
         if self._events is None:
             self._events = JsonlWriter(self.path / EVENTS)
-        event = {"event": kind, "time_unix": round(time.time(), 3), **payload}
         self._events.write(event)
-        return event
 
     def sync(self) -> None:
         """fsync the logs at a commit point (checkpoint committed, decision taken)."""
@@ -65,6 +62,30 @@ def write_json_atomic(path: Path, data: dict) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def read_events(run_dir: str | os.PathLike) -> list[dict]:
+    path = Path(run_dir) / EVENTS
+    return list(read_jsonl(path)) if path.exists() else []
+
+
+def read_history(run_dir: str | os.PathLike) -> tuple[list[StepRecord], list[StepRecord]]:
+    """(kept, discarded) rows of a main job's trajectory.
+
+    A rollback, adopted replay or restart starts a new lineage from some step; rows of older lineages
+    at or after that step were trained but are not part of the run's history. The kept rows have
+    each step exactly once, in order.
+    """
+    rows = read_trajectory(run_dir)
+    kept: dict[int, StepRecord] = {}
+    discarded: list[StepRecord] = []
+    for row in rows:  # file order: a later lineage's row replaces an earlier one for the same step
+        if row.step in kept:
+            discarded.append(kept[row.step])
+        kept[row.step] = row
+        for step in [s for s in kept if s > row.step and kept[s].lineage < row.lineage]:
+            discarded.append(kept.pop(step))
+    return [kept[s] for s in sorted(kept)], discarded
 
 
 def read_trajectory(path: str | os.PathLike) -> list[StepRecord]:

@@ -13,10 +13,10 @@ from shadow.config import ConfigError
 
 
 def _commands():
-    # Imported lazily so `shadow policy check` does not pay for importing torch.
-    from shadow.cli import compare_cmd, policy_cmd, replay_cmd, train_cmd
+    # Command modules import torch/ray inside `run`, so `shadow policy check` starts fast.
+    from shadow.cli import compare_cmd, policy_cmd, replay_cmd, run_cmd, train_cmd
 
-    return [train_cmd, replay_cmd, compare_cmd, policy_cmd]
+    return [run_cmd, train_cmd, replay_cmd, compare_cmd, policy_cmd]
 
 
 def build_parser() -> argparse.ArgumentParser:

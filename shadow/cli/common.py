@@ -18,11 +18,16 @@ def add_job_args(parser: argparse.ArgumentParser, job_required: bool = False) ->
                         help="override a job setting, e.g. --set optim.lr=1e-3 (repeatable)")
 
 
+def repo_file(path: str) -> str:
+    """A default like `jobs/tiny.yaml` resolves against the shadow checkout when not found in the cwd."""
+    if Path(path).exists() or Path(path).is_absolute():
+        return path
+    shipped = Path(__file__).resolve().parents[2] / path
+    return str(shipped) if shipped.exists() else path
+
+
 def load_job_from_args(args: argparse.Namespace) -> JobConfig:
-    job_path = args.job
-    if job_path == DEFAULT_JOB and not Path(job_path).exists():
-        job_path = str(Path(__file__).resolve().parents[2] / DEFAULT_JOB)
-    return load_job(job_path, args.overrides)
+    return load_job(repo_file(args.job), args.overrides)
 
 
 def default_out_dir(kind: str, job: JobConfig) -> Path:

@@ -1,0 +1,113 @@
+"""The roles the controller drives, as plain classes that Ray turns into actors.
+
+`MainTrainer` is the main job's rank: it trains in chunks, commits checkpoints on the job's cadence
+and switches precision or restores state when told to. `ReplayWorker` re-trains one window from a
+committed checkpoint and returns its records. Large state moves through the checkpoint store, never
+through Ray's object store: only records and small results travel back.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from shadow.checkpoint import CommitInfo, open_store
+from shadow.config.job import JobConfig
+from shadow.loop import LoopSettings, run_steps
+from shadow.records import StepRecord
+from shadow.trainer import Trainer
+
+
+@dataclass
+class ChunkResult:
+    step: int  # the main job's step after the chunk
+    records: list[StepRecord]
+    commits: list[CommitInfo]
+
+
+@dataclass
+class ReplayResult:
+    records: list[StepRecord]
+    eval_loss: float | None = None
+    end_checkpoint: str | None = None  # URI of the saved end state, when asked for (adopt_replay)
+    wall_s: float = 0.0
+
+
+@dataclass
+class ReplayTask:
+    """What a replay worker needs: the window, where its checkpoint is, what to report."""
+
+    start_step: int
+    num_steps: int
+    precision: str
+    store_uri: str
+    run: str  # the main job's checkpoint run name
+    eval_batches: int = 0
+    save_end_run: str | None = None  # commit the end state under this run name (for adopt_replay)
+    extra: dict = field(default_factory=dict)
+
+
+class MainTrainer:
+    def __init__(self, job: JobConfig, store_uri: str, run: str):
+        self.job = job
+        self.trainer = Trainer(job)
+        self.store = open_store(store_uri, run)
+
+    def start(self, precision: str) -> CommitInfo:
+        """A fresh job: commit its initial state (step 0), the first possible replay start."""
+        self.trainer.set_precision(precision)
+        return self.store.save(self.trainer.snapshot())
+
+    def train(self, until_step: int, eval_after_steps: tuple[int, ...] = (), eval_batches: int = 0,
+              lineage: int = 0) -> ChunkResult:
+        settings = LoopSettings(
+            until_step=until_step,
+            checkpoint_every=self.job.checkpoint.every_steps,
+            checkpoint_at_end=until_step >= self.job.steps,
+            eval_at=frozenset(eval_after_steps),
+            eval_batches=eval_batches,
+        )
+        result = run_steps(self.trainer, settings, self.store)
+        for record in result.records:
+            record.lineage = lineage
+        return ChunkResult(self.trainer.step, result.records, result.commits)
+
+    def set_precision(self, precision: str) -> None:
+        self.trainer.set_precision(precision)
+
+    def restore(self, store_uri: str, run: str, step: int, precision: str) -> int:
+        """Continue from a committed checkpoint (a rollback target, or a replay's end state)."""
+        store = open_store(store_uri, run)
+        self.trainer.restore(store.load(step, expected_job_hash=self.trainer.job_hash))
+        self.trainer.set_precision(precision)
+        return self.trainer.step
+
+    def evaluate(self, num_batches: int) -> float:
+        return self.trainer.evaluate(num_batches)
+
+    def commit_now(self) -> CommitInfo:
+        return self.store.save(self.trainer.snapshot())
+
+
+class ReplayWorker:
+    """Long-lived, reused for one replay after another (no actor start-up per window)."""
+
+    def __init__(self, job: JobConfig):
+        self.job = job
+
+    def run(self, task: ReplayTask) -> ReplayResult:
+        import time
+
+        started = time.perf_counter()
+        trainer = Trainer(self.job)  # fresh per window: nothing of an earlier replay can leak in
+        snapshot = open_store(task.store_uri, task.run).load(task.start_step, expected_job_hash=trainer.job_hash)
+        trainer.restore(snapshot)
+        trainer.set_precision(task.precision)
+        until = task.start_step + task.num_steps
+        settings = LoopSettings(until_step=until, eval_at_end=task.eval_batches > 0, eval_batches=task.eval_batches)
+        records = run_steps(trainer, settings).records
+        end_checkpoint = None
+        if task.save_end_run is not None:
+            end_store = open_store(task.store_uri, task.save_end_run)
+            end_checkpoint = end_store.save(trainer.snapshot()).uri
+        eval_loss = records[-1].eval_loss if records else None
+        return ReplayResult(records, eval_loss, end_checkpoint, time.perf_counter() - started)

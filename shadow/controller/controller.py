@@ -1,0 +1,344 @@
+"""The single controller: drives the main trainer in chunks, runs replays beside it, applies decisions.
+
+One loop over Ray futures (`ray.wait` on the main chunk and every replay, whichever finishes first),
+so a slow replay never stalls the main job. Decisions are taken and applied only between main-job
+chunks, so every switch, rollback or adoption lands on an exact step boundary. Large state moves
+through the checkpoint store; actors return records only. All side effects go through callbacks.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, replace
+
+import ray
+
+from shadow.compare import Verdict, compare
+from shadow.config.job import JobConfig
+from shadow.config.loader import to_yaml
+from shadow.config.policy import OnSwitch, Policy
+from shadow.config.policy_watch import PolicyWatcher
+from shadow.controller.actors import MainTrainer, ReplayResult, ReplayTask, ReplayWorker
+from shadow.controller.callbacks import RunCallback
+from shadow.controller.resume import ResumePoint
+from shadow.controller.state import ALLOWED, Phase, RunState
+from shadow.controller.summary import build_summary
+from shadow.policy import Decision, DecisionKind, PolicyState, Purpose, ReplayRequest, decide, due_replays
+from shadow.records import StepRecord
+
+
+class ControllerError(RuntimeError):
+    """The run cannot go on; the message says why."""
+
+
+@dataclass
+class _Replay:
+    name: str
+    request: ReplayRequest
+    worker: object
+    regime: int
+    lineage: int
+    save_end_run: str | None
+    result: ReplayResult | None = None
+
+
+class Controller:
+    def __init__(self, *, job: JobConfig, policy: Policy, watcher: PolicyWatcher | None, run: str, store_uri: str,
+                 callbacks: list[RunCallback], resume: ResumePoint | None = None):
+        self.job = job
+        self.policy = policy
+        self.watcher = watcher
+        self.run_name = run
+        self.store_uri = store_uri
+        self.callbacks = callbacks
+        self.phase = Phase.STARTING
+        self.resume = resume
+        self.state = resume.state if resume else RunState(
+            policy_state=PolicyState().to_dict(), precision=job.precision.mode.value)
+        self.history: dict[int, StepRecord] = {r.step: r for r in resume.history} if resume else {}
+        self.trained: list[StepRecord] = list(resume.trained) if resume else []
+        self.committed: set[int] = set(resume.committed) if resume else set()
+        self.verdicts: list[Verdict] = list(resume.verdicts) if resume else []
+        self.verdict_rows: list[dict] = list(resume.verdict_rows) if resume else []
+        self.replay_steps: dict[str, int] = dict(resume.replay_steps) if resume else {}
+        self.num_replays = resume.num_replays if resume else 0
+        self.main_step = 0
+        self.final_eval_loss: float | None = None
+        self.main = None
+        self.main_future = None
+        self.replays: dict[object, _Replay] = {}  # in-flight replay future -> replay
+        self.finished: list[_Replay] = []  # done, waiting for the main job to cover their window
+        self.idle_workers: list[object] = []
+        self.stop_requested: str | None = None
+        self.policy_version = 1
+        self.started = time.perf_counter()
+
+    # ----------------------------------------------------------------------------- events
+    def emit(self, event_name: str, /, **payload) -> dict:
+        event = {"event": event_name, "time_unix": round(time.time(), 3), **payload}
+        for callback in self.callbacks:
+            callback.on_event(event)
+        return event
+
+    def _commit_point(self) -> None:
+        for callback in self.callbacks:
+            callback.on_commit_point()
+
+    def _transition(self, phase: Phase, reason: str) -> None:
+        if phase not in ALLOWED[self.phase]:
+            raise ControllerError(f"controller: no transition {self.phase.value} -> {phase.value}")
+        self.emit("controller_phase", old=self.phase.value, new=phase.value, reason=reason)
+        self.phase = phase
+
+    @property
+    def policy_state(self) -> PolicyState:
+        return PolicyState.from_dict(self.state.policy_state)
+
+    # ----------------------------------------------------------------------------- run
+    def run(self) -> dict:
+        for callback in self.callbacks:
+            callback.on_policy(self.policy_version, to_yaml(self.policy))
+        try:
+            self._start_main()
+            self._transition(Phase.TRAINING, f"main trainer at step {self.main_step} in {self.state.precision}")
+            self._loop()
+            self._finish_main()
+            self._transition(Phase.FINISHED, f"main job reached step {self.main_step}")
+        except KeyboardInterrupt:
+            self._transition(Phase.INTERRUPTED, self.stop_requested or "interrupted")
+        except Exception as exc:
+            self._transition(Phase.FAILED, f"{type(exc).__name__}: {exc}")
+            raise
+        finally:
+            summary = self._summary()
+            self.emit("run_finished", phase=self.phase.value, final_step=summary["final_step"])
+            self._commit_point()
+            for callback in self.callbacks:
+                callback.on_finish(summary)
+        return summary
+
+    def _start_main(self) -> None:
+        resources = self.job.resources
+        actor = ray.remote(MainTrainer).options(num_cpus=resources.cpus_per_rank, num_gpus=self._main_gpus())
+        self.main = actor.remote(self.job, self.store_uri, self.run_name)
+        if self.resume is None:
+            commit = ray.get(self.main.start.remote(self.state.precision))
+            self.main_step = commit.step
+            self._on_commit({"step": commit.step, "uri": commit.uri, "bytes": commit.num_bytes,
+                             "seconds": round(commit.seconds, 4)})
+        else:
+            point = self.resume
+            self.main_step = ray.get(self.main.restore.remote(
+                self.store_uri, point.restore_run, point.restore_step, self.state.precision))
+            self.emit("resumed", step=self.main_step, from_run=point.restore_run, lineage=self.state.lineage,
+                      steps_lost=point.steps_lost, state=self.state.to_dict())
+
+    def _main_gpus(self) -> float:
+        if self.job.resources.device == "cuda":
+            return 1
+        if self.job.resources.device == "auto":
+            return 1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0
+        return 0
+
+    def _loop(self) -> None:
+        self._schedule_replays()
+        while True:
+            if self.stop_requested:
+                raise KeyboardInterrupt
+            if self.main_future is None and self.main_step < self.job.steps:
+                self._launch_chunk()
+            refs = ([self.main_future] if self.main_future is not None else []) + list(self.replays)
+            if not refs:
+                return
+            if self.main_future is None and self.phase is Phase.TRAINING:
+                self._transition(Phase.DRAINING, f"main job done, {len(self.replays)} replay(s) still running")
+            ready, _ = ray.wait(refs, num_returns=1, timeout=1.0)
+            if not ready:
+                continue
+            ref = ready[0]
+            if self.main_future is not None and ref == self.main_future:
+                self.main_future = None
+                self._on_chunk(ray.get(ref))
+            else:
+                self._on_replay_done(ref)
+            if self.main_future is None:
+                self._decision_point()
+            self._schedule_replays()
+
+    # ----------------------------------------------------------------------------- main job
+    def _launch_chunk(self) -> None:
+        until = min(self.job.steps, self.main_step + self.job.run.chunk_steps)
+        every = self.job.checkpoint.every_steps
+        next_checkpoint = (self.main_step // every + 1) * every
+        until = min(until, next_checkpoint)  # a chunk ends at a checkpoint, so replays can start from it at once
+        eval_batches = self.policy.verify.eval_batches
+        eval_after = tuple(r.request.start_step + r.request.num_steps for r in self.replays.values()
+                           if r.request.start_step + r.request.num_steps > self.main_step) if eval_batches else ()
+        self.main_future = self.main.train.remote(until, eval_after, eval_batches, self.state.lineage)
+
+    def _on_chunk(self, result) -> None:
+        for record in result.records:
+            self.history[record.step] = record
+        self.trained.extend(result.records)
+        for callback in self.callbacks:
+            callback.on_main_records(result.records)
+        for commit in result.commits:
+            self._on_commit({"step": commit.step, "uri": commit.uri, "bytes": commit.num_bytes,
+                             "seconds": round(commit.seconds, 4)})
+        self.main_step = result.step
+
+    def _on_commit(self, info: dict) -> None:
+        self.committed.add(info["step"])
+        self.emit("checkpoint_committed", lineage=self.state.lineage, **info)
+        self._commit_point()
+
+    def _finish_main(self) -> None:
+        if self.history and self.job.eval.batches:
+            self.final_eval_loss = ray.get(self.main.evaluate.remote(self.job.eval.batches))
+            self.emit("final_evaluation", step=self.main_step, eval_loss=self.final_eval_loss)
+
+    # ----------------------------------------------------------------------------- replays
+    def _schedule_replays(self) -> None:
+        # finished replays still waiting for their verdict count as in flight: their window is taken
+        in_flight = [r.request for r in [*self.replays.values(), *self.finished]]
+        requests = due_replays(self.policy, self.policy_state, main_step=self.main_step,
+                               committed_steps=self.committed, in_flight=in_flight, total_steps=self.job.steps)
+        for request in requests:
+            self._launch_replay(request)
+
+    def _launch_replay(self, request: ReplayRequest) -> None:
+        worker = self.idle_workers.pop() if self.idle_workers else self._new_worker()
+        self.num_replays += 1
+        name = f"{self.num_replays:03d}-{request.purpose.value}-{request.precision}-at-{request.start_step:09d}"
+        adopt = self.policy.action.on_switch is OnSwitch.ADOPT_REPLAY and request.purpose is Purpose.VERIFY
+        save_end_run = f"{self.run_name}-replays/{name}" if adopt else None
+        task = ReplayTask(request.start_step, request.num_steps, request.precision, self.store_uri, self.run_name,
+                          self.policy.verify.eval_batches, save_end_run)
+        future = worker.run.remote(task)
+        self.replays[future] = _Replay(name, request, worker, self.state.regime, self.state.lineage, save_end_run)
+        self.emit("replay_started", name=name, **request.to_dict(), regime=self.state.regime)
+
+    def _new_worker(self):
+        resources = self.policy.verify.replay_resources
+        actor = ray.remote(ReplayWorker).options(num_cpus=resources.num_cpus, num_gpus=resources.num_gpus)
+        return actor.remote(self.job)
+
+    def _on_replay_done(self, ref) -> None:
+        replay = self.replays.pop(ref)
+        self.idle_workers.append(replay.worker)
+        replay.result = ray.get(ref)
+        records = replay.result.records
+        precision = replay.request.precision
+        self.replay_steps[precision] = self.replay_steps.get(precision, 0) + len(records)
+        for callback in self.callbacks:
+            callback.on_replay_finished(replay.name, records)
+        self.emit("replay_finished", name=replay.name, precision=precision, steps=len(records),
+                  wall_s=round(replay.result.wall_s, 3),
+                  eval_loss=replay.result.eval_loss)
+        if replay.regime != self.state.regime or replay.lineage != self.state.lineage:
+            self.emit("replay_discarded", name=replay.name,
+                      reason="started before the main job's last switch; its window no longer describes the run")
+            return
+        self.finished.append(replay)
+
+    # ----------------------------------------------------------------------------- decisions
+    def _decision_point(self) -> None:
+        if self.watcher is not None:
+            polled = self.watcher.poll()
+            if polled.event is not None:
+                event = dict(polled.event)
+                self.emit(event.pop("event"), **event)
+                if polled.policy is not self.policy:
+                    self.policy_version += 1
+                    for callback in self.callbacks:
+                        callback.on_policy(self.policy_version, to_yaml(polled.policy))
+            self.policy = polled.policy
+        main_done = self.main_step >= self.job.steps
+        ready = [r for r in self.finished if main_done or r.request.start_step + r.request.num_steps <= self.main_step]
+        for replay in sorted(ready, key=lambda r: r.request.start_step):
+            self.finished.remove(replay)
+            if replay.regime != self.state.regime or replay.lineage != self.state.lineage:
+                self.emit("replay_discarded", name=replay.name, reason="a switch was applied before it was judged")
+                continue
+            self._judge(replay)
+
+    def _judge(self, replay: _Replay) -> None:
+        window = range(replay.request.start_step, replay.request.start_step + replay.request.num_steps)
+        main_rows = [self.history[s] for s in window if s in self.history]
+        main_eval = main_rows[-1].eval_loss if main_rows and main_rows[-1].step == window[-1] else None
+        verdict = compare(main_rows, replay.result.records, window=(window.start, window.stop),
+                          ignore_first_steps=self.policy.compare.ignore_first_steps,
+                          end_fraction=self.policy.compare.end_fraction,
+                          main_eval_loss=main_eval, replay_eval_loss=replay.result.eval_loss)
+        outcome = decide(self.policy, self.policy_state, self.verdicts, verdict, main_step=self.main_step)
+        self.verdicts.append(verdict)
+        self.state = replace(self.state, policy_state=outcome.state.to_dict())
+        metric = self.policy.compare.metric.value
+        level = next((d.payload.get("level") for d in outcome.decisions if "level" in d.payload), "not judged")
+        row = {"name": replay.name, "purpose": replay.request.purpose.value, "window_start": window.start,
+               "window_end": window.stop, "metric": metric, "value": verdict.metric(metric), "level": level,
+               "kind": verdict.kind.value}
+        self.verdict_rows.append(row)
+        self.emit("verdict", **row, verdict=verdict.to_dict())
+        for decision in outcome.decisions:
+            self.emit("decision", name=replay.name, **decision.to_dict(), state=self.state.to_dict())
+        self._commit_point()
+        for decision in outcome.decisions:
+            self._apply(decision, replay)
+
+    def _apply(self, decision: Decision, replay: _Replay) -> None:
+        if decision.kind is DecisionKind.SWITCH_TO_BF16:
+            on_switch = OnSwitch(decision.payload.get("on_switch", OnSwitch.BF16.value))
+            if on_switch is OnSwitch.ROLLBACK:
+                step = decision.payload["resume_step"]
+                self._restart_lineage(step=step, run=self.run_name, kind="rollback", decision=decision,
+                                      keep_committed_upto=step)
+            elif on_switch is OnSwitch.ADOPT_REPLAY and replay.save_end_run is not None:
+                self._adopt(replay, decision)
+            else:
+                self._switch_precision("bf16", decision)
+        elif decision.kind is DecisionKind.SWITCH_TO_FP8:
+            self._switch_precision("fp8", decision)
+        elif decision.kind is DecisionKind.STAY_BF16 and self.state.precision != "bf16":
+            self._switch_precision("bf16", decision)
+
+    def _switch_precision(self, precision: str, decision: Decision) -> None:
+        old = self.state.precision
+        self.state = replace(self.state, precision=precision, regime=self.state.regime + 1,
+                             num_switches=self.state.num_switches + (precision != old))
+        ray.get(self.main.set_precision.remote(precision))
+        self.emit("precision_switched", old=old, new=precision, step=self.main_step, reason=decision.reason,
+                  state=self.state.to_dict())
+
+    def _restart_lineage(self, *, step: int, run: str, kind: str, decision: Decision, keep_committed_upto: int) -> None:
+        """Continue the main job in BF16 from a committed checkpoint; later rows become discarded history."""
+        old_step = self.main_step
+        self.state = replace(self.state, precision="bf16", regime=self.state.regime + 1,
+                             lineage=self.state.lineage + 1, restore_step=step, restore_run=run,
+                             num_switches=self.state.num_switches + (self.state.precision != "bf16"))
+        self.emit(kind, old_step=old_step, new_step=step, discarded=[min(step, keep_committed_upto), old_step],
+                  reason=decision.reason, state=self.state.to_dict())
+        self._commit_point()
+        self.main_step = ray.get(self.main.restore.remote(self.store_uri, run, step, "bf16"))
+        for s in [s for s in self.history if s >= keep_committed_upto]:
+            del self.history[s]
+        self.committed = {s for s in self.committed if s <= keep_committed_upto}
+
+    def _adopt(self, replay: _Replay, decision: Decision) -> None:
+        start = replay.request.start_step
+        self._restart_lineage(step=start + replay.request.num_steps, run=replay.save_end_run, kind="replay_adopted",
+                              decision=decision, keep_committed_upto=start)
+        adopted = [replace(r, lineage=self.state.lineage) for r in replay.result.records]
+        for record in adopted:
+            self.history[record.step] = record
+        for callback in self.callbacks:
+            callback.on_main_records(adopted)
+
+    # ----------------------------------------------------------------------------- summary
+    def _summary(self) -> dict:
+        history = [self.history[s] for s in sorted(self.history)]
+        return build_summary(history=history, trained=self.trained, replay_steps=self.replay_steps,
+                             verdicts=self.verdict_rows, num_switches=self.state.num_switches,
+                             final_eval_loss=self.final_eval_loss, fp8_speedup=self.job.run.fp8_speedup,
+                             wall_s=time.perf_counter() - self.started, phase=self.phase.value,
+                             policy_state=self.state.policy_state)

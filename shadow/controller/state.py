@@ -1,0 +1,61 @@
+"""The controller's own state machine and the durable state it writes for `--resume`.
+
+| phase | event | next phase |
+| --- | --- | --- |
+| STARTING | main trainer ready (fresh, or restored on resume) | TRAINING |
+| TRAINING | main job reached the job's last step, replays still running | DRAINING |
+| TRAINING, DRAINING | main job done and no replay in flight | FINISHED |
+| any | an error the controller cannot recover from | FAILED |
+| any | SIGINT / SIGTERM | INTERRUPTED |
+
+Every transition is an event (`controller_phase`) with its reason. The policy's own machine (FP8,
+BF16_FALLBACK, ...) lives in `shadow.policy`; the controller carries its state in `RunState`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from enum import Enum
+
+
+class Phase(str, Enum):
+    STARTING = "starting"
+    TRAINING = "training"
+    DRAINING = "draining"
+    FINISHED = "finished"
+    FAILED = "failed"
+    INTERRUPTED = "interrupted"
+
+
+ALLOWED = {
+    Phase.STARTING: {Phase.TRAINING, Phase.FAILED, Phase.INTERRUPTED},
+    Phase.TRAINING: {Phase.DRAINING, Phase.FINISHED, Phase.FAILED, Phase.INTERRUPTED},
+    Phase.DRAINING: {Phase.FINISHED, Phase.FAILED, Phase.INTERRUPTED},
+    Phase.FINISHED: set(),
+    Phase.FAILED: set(),
+    Phase.INTERRUPTED: set(),
+}
+
+
+@dataclass
+class RunState:
+    """What a resumed controller needs beyond checkpoints and the trajectory.
+
+    Written into every decision and switch event (`state` field), so the last such event in
+    events.jsonl is always consistent with the decisions logged before it.
+    """
+
+    policy_state: dict = field(default_factory=dict)  # shadow.policy.PolicyState.to_dict()
+    precision: str = "fp8"  # the main job's precision from the next step on
+    lineage: int = 0  # increases at every rollback, adopted replay or restart of the main job
+    regime: int = 0  # increases at every precision switch; replays of an older regime are dropped
+    num_switches: int = 0  # precision switches applied to the main job, either direction
+    restore_step: int | None = None  # the checkpoint the current lineage started from
+    restore_run: str | None = None  # its run name in the store (the main run, or a replay's end state)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "RunState":
+        return cls(**{k: v for k, v in data.items() if k in cls.__dataclass_fields__})

@@ -1,0 +1,90 @@
+"""The end-of-run figures (`summary.json`) and the table `shadow run` prints.
+
+Effective speedup, in units of one BF16 step (s = the FP8 speedup factor, `run.fp8_speedup`):
+    baseline      = kept steps                        (an all-BF16 run trains each step once)
+    main cost     = fp8 steps / s + bf16 steps        (every step the main job trained, discarded ones too)
+    replay cost   = bf16 replay steps + fp8 replay steps / s
+    wall speedup     = baseline / main cost                  (replays on their own resources, overlapped)
+    compute speedup  = baseline / (main cost + replay cost)  (accelerator-hours, verification included)
+"""
+
+from __future__ import annotations
+
+import statistics
+
+from shadow.records import StepRecord
+
+
+def effective_speedup(*, kept_steps: int, trained_fp8: int, trained_bf16: int, replay_bf16: int,
+                      replay_fp8: int, fp8_speedup: float) -> dict:
+    main_cost = trained_fp8 / fp8_speedup + trained_bf16
+    replay_cost = replay_bf16 + replay_fp8 / fp8_speedup
+    return {
+        "fp8_speedup_assumed": fp8_speedup,
+        "wall": kept_steps / main_cost if main_cost else None,
+        "compute": kept_steps / (main_cost + replay_cost) if main_cost + replay_cost else None,
+    }
+
+
+def build_summary(*, history: list[StepRecord], trained: list[StepRecord], replay_steps: dict[str, int],
+                  verdicts: list[dict], num_switches: int, final_eval_loss: float | None, fp8_speedup: float,
+                  wall_s: float, phase: str, policy_state: dict) -> dict:
+    trained_fp8 = sum(1 for r in trained if r.precision == "fp8")
+    trained_bf16 = len(trained) - trained_fp8
+    purposes = [v["purpose"] for v in verdicts]
+    step_times = {p: [r.step_time_s for r in trained if r.precision == p] for p in ("fp8", "bf16")}
+    return {
+        "phase": phase,
+        "final_step": history[-1].step + 1 if history else 0,
+        "final_loss": history[-1].loss if history else None,
+        "final_eval_loss": final_eval_loss,
+        "steps_fp8": sum(1 for r in history if r.precision == "fp8"),
+        "steps_bf16": sum(1 for r in history if r.precision == "bf16"),
+        "steps_discarded": len(trained) - len(history),
+        "num_verifications": purposes.count("verify"),
+        "num_probes": purposes.count("probe"),
+        "num_noise_windows": purposes.count("noise"),
+        "num_switches": num_switches,
+        "verdicts": verdicts,
+        "replay_steps": replay_steps,
+        "verification_cost": sum(replay_steps.values()) / len(trained) if trained else 0.0,
+        "effective_speedup": effective_speedup(
+            kept_steps=len(history), trained_fp8=trained_fp8, trained_bf16=trained_bf16,
+            replay_bf16=replay_steps.get("bf16", 0), replay_fp8=replay_steps.get("fp8", 0), fp8_speedup=fp8_speedup),
+        "measured_step_time_s": {p: statistics.median(t) if t else None for p, t in step_times.items()},
+        "wall_s": wall_s,
+        "policy_state": policy_state,
+    }
+
+
+def format_summary(summary: dict) -> str:
+    speed = summary["effective_speedup"]
+    lines = [
+        f"phase            {summary['phase']}",
+        f"final step       {summary['final_step']}   loss {_num(summary['final_loss'])}   "
+        f"held-out {_num(summary['final_eval_loss'])}",
+        f"steps            fp8 {summary['steps_fp8']}   bf16 {summary['steps_bf16']}   "
+        f"discarded {summary['steps_discarded']}",
+        f"verifications    {summary['num_verifications']}   probes {summary['num_probes']}   "
+        f"noise windows {summary['num_noise_windows']}   switches {summary['num_switches']}",
+        f"verification cost {summary['verification_cost']:.2f} replay steps per main step",
+        f"effective speedup wall {_num(speed['wall'], '.2f')}x   compute {_num(speed['compute'], '.2f')}x   "
+        f"(assuming FP8 = {speed['fp8_speedup_assumed']}x BF16 per step)",
+        f"wall time        {summary['wall_s']:.1f} s",
+    ]
+    if summary["verdicts"]:
+        lines.append("")
+        lines.append(f"{'window':<16}{'purpose':<9}{'metric':<14}{'value':>10}  level")
+        for verdict in summary["verdicts"]:
+            window = f"[{verdict['window_start']}, {verdict['window_end']})"
+            lines.append(f"{window:<16}{verdict['purpose']:<9}{verdict['metric']:<14}"
+                         f"{_num(verdict['value'], '+.4f'):>10}  {verdict['level']}")
+    return "\n".join(lines)
+
+
+def _num(value, fmt: str = ".4f") -> str:
+    if value is None:
+        return "n/a"
+    if isinstance(value, str):
+        return value
+    return format(value, fmt)
