@@ -74,8 +74,11 @@ def run(args: argparse.Namespace) -> int:
 
     started_ray = not ray.is_initialized()
     if started_ray:
-        ray.init(address=args.ray_address, include_dashboard=False, configure_logging=False,
-                 log_to_driver=False, **({} if args.ray_address or _in_cluster() else {"num_cpus": _local_cpus(job, policy)}))
+        if args.ray_address or _in_cluster():
+            ray.init(address=args.ray_address, configure_logging=False, log_to_driver=False)
+        else:  # "local": a fresh Ray of our own, never some other cluster that happens to run here
+            ray.init(address="local", num_cpus=_local_cpus(job, policy), include_dashboard=False,
+                     configure_logging=False, log_to_driver=False)
     watcher = PolicyWatcher(policy_path, policy, args.policy_overrides)
     controller = Controller(job=job, policy=policy, watcher=watcher, run=run_dir.name, store_uri=store_uri,
                             callbacks=[RunDirWriter(run_dir), ConsoleProgress(job.steps)], resume=resume)

@@ -312,12 +312,15 @@ class Controller:
 
     def _restart_lineage(self, *, step: int, run: str, kind: str, decision: Decision, keep_committed_upto: int) -> None:
         """Continue the main job in BF16 from a committed checkpoint; later rows become discarded history."""
-        old_step = self.main_step
+        old_step, old_precision = self.main_step, self.state.precision
         self.state = replace(self.state, precision="bf16", regime=self.state.regime + 1,
                              lineage=self.state.lineage + 1, restore_step=step, restore_run=run,
-                             num_switches=self.state.num_switches + (self.state.precision != "bf16"))
+                             num_switches=self.state.num_switches + (old_precision != "bf16"))
         self.emit(kind, old_step=old_step, new_step=step, discarded=[min(step, keep_committed_upto), old_step],
                   reason=decision.reason, state=self.state.to_dict())
+        if old_precision != "bf16":
+            self.emit("precision_switched", old=old_precision, new="bf16", step=step, reason=decision.reason,
+                      state=self.state.to_dict())
         self._commit_point()
         self.main_step = ray.get(self.main.restore.remote(self.store_uri, run, step, "bf16"))
         for s in [s for s in self.history if s >= keep_committed_upto]:

@@ -32,6 +32,7 @@ def build_summary(*, history: list[StepRecord], trained: list[StepRecord], repla
     trained_fp8 = sum(1 for r in trained if r.precision == "fp8")
     trained_bf16 = len(trained) - trained_fp8
     purposes = [v["purpose"] for v in verdicts]
+    kept = {(r.step, r.lineage) for r in history}
     step_times = {p: [r.step_time_s for r in trained if r.precision == p] for p in ("fp8", "bf16")}
     return {
         "phase": phase,
@@ -40,7 +41,7 @@ def build_summary(*, history: list[StepRecord], trained: list[StepRecord], repla
         "final_eval_loss": final_eval_loss,
         "steps_fp8": sum(1 for r in history if r.precision == "fp8"),
         "steps_bf16": sum(1 for r in history if r.precision == "bf16"),
-        "steps_discarded": len(trained) - len(history),
+        "steps_discarded": sum(1 for r in trained if (r.step, r.lineage) not in kept),
         "num_verifications": purposes.count("verify"),
         "num_probes": purposes.count("probe"),
         "num_noise_windows": purposes.count("noise"),

@@ -1,0 +1,160 @@
+"""`shadow run` end to end on a real local Ray (one per module), real training on CPU.
+
+The fast scenarios use the shipped jobs with a smaller model (`FAST`), the same data, schedule and
+fault; the healthy and degraded scenarios run the tiny jobs at full model size.
+"""
+
+import json
+import shutil
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import ray
+
+from shadow.cli import main
+from shadow.rundir import read_events, read_history
+
+REPO = Path(__file__).resolve().parents[2]
+FAST = ["--set", "model.num_layers=2", "--set", "model.d_model=64", "--set", "model.seq_len=64",
+        "--set", "batch_size=8"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def local_ray():
+    ray.init(address="local", num_cpus=4, include_dashboard=False, configure_logging=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+def _run(tmp_path, name, *args):
+    out = tmp_path / name
+    code = main(["run", "--out", str(out), *args])
+    summary = json.loads((out / "summary.json").read_text())
+    return code, out, summary, read_events(out)
+
+
+def _kinds(events, kind):
+    return [e for e in events if e["event"] == kind]
+
+
+@pytest.mark.slow
+def test_healthy_tiny_job_verifies_and_never_switches(tmp_path):
+    code, out, summary, events = _run(tmp_path, "healthy", "--job", str(REPO / "jobs/tiny.yaml"))
+    assert code == 0 and summary["phase"] == "finished"
+    assert summary["final_step"] == 300 and summary["steps_fp8"] == 300
+    assert summary["num_verifications"] >= 3
+    assert summary["num_switches"] == 0
+    assert all(v["level"] == "clean" for v in summary["verdicts"]), summary["verdicts"]
+    for key in ("final_loss", "steps_bf16", "verdicts", "verification_cost", "wall_s", "effective_speedup"):
+        assert key in summary
+    assert summary["verification_cost"] == pytest.approx(25 * summary["num_verifications"] / 300)
+    kept, discarded = read_history(out)
+    assert [r.step for r in kept] == list(range(300)) and not discarded
+    assert len(list((out / "replays").glob("*.jsonl"))) == summary["num_verifications"]
+
+
+@pytest.mark.slow
+def test_degraded_job_switches_at_first_failing_verification_and_ends_near_bf16(tmp_path):
+    steps = ["--set", "steps=150"]  # the full 300-step figures are in the issue note
+    job = str(REPO / "jobs/tiny_noscale.yaml")
+    code, out, summary, events = _run(tmp_path, "guarded", "--job", job, *steps)
+    assert code == 0
+    first_verdict = _kinds(events, "verdict")[0]
+    assert first_verdict["level"] == "violation"
+    switch = _kinds(events, "precision_switched")[0]
+    assert switch["old"] == "fp8" and switch["new"] == "bf16"
+    assert switch["reason"].startswith(f"window [{first_verdict['window_start']}, {first_verdict['window_end']})")
+    for precision in ("bf16", "fp8"):
+        assert main(["train", "--job", job, *steps, "--precision", precision, "--out",
+                     str(tmp_path / precision)]) == 0
+    bf16 = json.loads((tmp_path / "bf16" / "summary.json").read_text())
+    fp8 = json.loads((tmp_path / "fp8" / "summary.json").read_text())
+    assert abs(summary["final_loss"] - bf16["final_loss"]) / bf16["final_loss"] < 0.02
+    assert abs(summary["final_eval_loss"] - bf16["final_eval_loss"]) / bf16["final_eval_loss"] < 0.02
+    assert (fp8["final_eval_loss"] - bf16["final_eval_loss"]) / bf16["final_eval_loss"] > 0.10
+
+
+def test_fault_job_walks_the_full_cycle_in_order(tmp_path):
+    code, out, summary, events = _run(tmp_path, "cycle", "--job", str(REPO / "jobs/tiny_fault.yaml"), *FAST)
+    assert code == 0 and summary["num_switches"] == 2
+    names = [e["event"] for e in events]
+    to_bf16 = next(i for i, e in enumerate(events) if e["event"] == "precision_switched" and e["new"] == "bf16")
+    to_fp8 = next(i for i, e in enumerate(events) if e["event"] == "precision_switched" and e["new"] == "fp8")
+    assert to_bf16 < to_fp8
+    violation = next(e for e in events[:to_bf16] if e["event"] == "verdict" and e["level"] == "violation")
+    assert 100 <= violation["window_start"] < 150  # the window that covers the fault
+    assert "switch 0.015" in events[to_bf16]["reason"]
+    probes = [e for e in events[to_bf16:to_fp8] if e["event"] == "verdict" and e["purpose"] == "probe"]
+    assert len(probes) >= 2 and all(p["window_start"] >= 150 for p in probes[-2:])
+    assert all(p["level"] == "clean" for p in probes[-2:])
+    assert "clean probe 2 of 2" in events[to_fp8]["reason"]
+    after = [e for e in events[to_fp8:] if e["event"] == "verdict"]
+    assert after and after[-1]["purpose"] == "verify" and after[-1]["level"] == "clean"
+    assert names.index("run_started") == 0 and names[-1] == "run_finished"
+    kept, _ = read_history(out)
+    bf16_from, fp8_from = events[to_bf16]["step"], events[to_fp8]["step"]
+    assert [r.step for r in kept] == list(range(400))
+    assert all(r.precision == ("bf16" if bf16_from <= r.step < fp8_from else "fp8") for r in kept)
+    # the default policy rolls back to the last clean window: no FP8 step of the fault stays in history
+    assert _kinds(events, "rollback") and bf16_from <= 100
+
+
+@pytest.mark.parametrize("on_switch", ["rollback", "adopt_replay"])
+def test_rollback_and_adoption_leave_a_complete_history(tmp_path, on_switch):
+    code, out, summary, events = _run(tmp_path, on_switch, "--job", str(REPO / "jobs/tiny_fault.yaml"), *FAST,
+                                      "--policy-set", f"action.on_switch={on_switch}")
+    assert code == 0
+    restart = _kinds(events, "rollback" if on_switch == "rollback" else "replay_adopted")
+    assert len(restart) == 1
+    first, last = restart[0]["discarded"]
+    kept, discarded = read_history(out)
+    assert [r.step for r in kept] == list(range(400))  # each step once: nothing missing, nothing twice
+    assert sorted(r.step for r in discarded) == list(range(first, last))  # marked, not erased
+    assert summary["steps_discarded"] == last - first
+    assert all(r.lineage == 0 for r in discarded)
+    if on_switch == "rollback":
+        assert restart[0]["new_step"] < restart[0]["old_step"]
+        assert all(r.precision == "bf16" for r in kept if first <= r.step < 150)  # re-trained through the fault
+    else:
+        adopted = restart[0]["new_step"]
+        replay_rows = [r for r in kept if first <= r.step < adopted]
+        assert replay_rows and all(r.precision == "bf16" and r.lineage == 1 for r in replay_rows)
+
+
+def test_policy_edit_during_a_run_takes_effect(tmp_path):
+    policy = tmp_path / "policy.yaml"
+    shutil.copy(REPO / "policies/default.yaml", policy)
+    out = tmp_path / "hot"
+
+    def edit_when(condition, new_text):
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            if (out / "events.jsonl").exists() and condition(read_events(out)):
+                policy.write_text(new_text)
+                return
+            time.sleep(0.05)
+
+    original = policy.read_text()
+    faster = original.replace("every_n_steps: 100", "every_n_steps: 25")
+
+    def editor():
+        edit_when(lambda ev: _kinds(ev, "verdict"), "verify: [this is not valid\n")
+        edit_when(lambda ev: _kinds(ev, "policy_rejected"), faster)
+
+    thread = threading.Thread(target=editor)
+    thread.start()
+    code = main(["run", "--job", str(REPO / "jobs/tiny.yaml"), "--set", "steps=120",
+                 "--policy", str(policy), "--out", str(out)])
+    thread.join()
+    assert code == 0
+    events = read_events(out)
+    rejected = _kinds(events, "policy_rejected")
+    reloaded = _kinds(events, "policy_reloaded")
+    assert len(rejected) == 1 and "valid YAML" in rejected[0]["error"]
+    assert len(reloaded) == 1 and reloaded[0]["changes"]["verify.every_n_steps"] == {"old": 100, "new": 25}
+    reload_index = events.index(reloaded[0])
+    later_starts = [e["start_step"] for e in events[reload_index:] if e["event"] == "replay_started"]
+    assert any(start % 100 for start in later_starts)  # a window the old cadence would never start
+    assert "every_n_steps: 25" in (out / "policy-v2.yaml").read_text()
