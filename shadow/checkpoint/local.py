@@ -55,10 +55,10 @@ class LocalStore(CheckpointStore):
             raise StorageError(f"{target}: cannot read ({exc.strerror})") from None
 
     def _list(self, directory: str) -> tuple[list[str], list[str]]:
-        target = self._path(directory)
-        if not target.is_dir():
+        try:
+            entries = list(self._path(directory).iterdir())
+        except (FileNotFoundError, NotADirectoryError):  # absent, or deleted while we looked
             return [], []
-        entries = list(target.iterdir())
         return [p.name for p in entries if p.is_dir()], [p.name for p in entries if p.is_file()]
 
     def _remove(self, path: str) -> None:

@@ -107,7 +107,12 @@ class S3Store(CheckpointStore):
             for page in pages:
                 keys = [{"Key": o["Key"]} for o in page.get("Contents", [])]
                 if keys:
-                    self._client.delete_objects(Bucket=self.bucket, Delete={"Objects": keys, "Quiet": True})
+                    response = self._client.delete_objects(Bucket=self.bucket, Delete={"Objects": keys, "Quiet": True})
+                    errors = response.get("Errors")
+                    if errors:  # per-key failures come back in the response, not as an exception
+                        first = errors[0]
+                        raise StorageError(self._mask(f"s3://{self.bucket}/{first.get('Key')}: deleting failed "
+                                                      f"({len(errors)} objects): {first.get('Code')}"))
 
         self._call(f"{self.run_uri}/{directory}", "deleting", remove_all)
 
