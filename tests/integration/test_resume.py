@@ -48,7 +48,7 @@ def test_driver_killed_after_a_rollback_resumes_without_losing_or_repeating_deci
         log.close()
     before = read_events(out)
     assert before[-1]["event"] != "run_finished"
-    decided_before = [(e["name"], e["kind"]) for e in before if e["event"] == "decision"]
+    decided_before = [(e["name"], e["kind"], e["reason"]) for e in before if e["event"] == "decision"]
 
     resumed = subprocess.run(_shadow("run", "--resume", str(out)), capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
@@ -58,7 +58,7 @@ def test_driver_killed_after_a_rollback_resumes_without_losing_or_repeating_deci
     resumed_event = next(e for e in after[len(before):] if e["event"] == "resumed")
     assert resumed_event["state"]["precision"] == "bf16"  # the rollback's switch to BF16 holds
     assert resumed_event["steps_lost"] >= 0
-    decisions = [(e["name"], e["kind"]) for e in after if e["event"] == "decision"]
+    decisions = [(e["name"], e["kind"], e["reason"]) for e in after if e["event"] == "decision"]
     assert decisions[: len(decided_before)] == decided_before
     assert len(decisions) == len(set(decisions))  # no decision taken twice
     verdicts = [(e["purpose"], e["window_start"], e["name"]) for e in after if e["event"] == "verdict"]

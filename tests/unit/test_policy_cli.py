@@ -29,7 +29,7 @@ def pair(tmp_path):
 def test_policy_check_prints_the_effective_policy(capsys):
     assert main(["policy", "check", str(REPO / "policies/default.yaml"), "--set", "thresholds.switch=0.04"]) == 0
     out = capsys.readouterr().out
-    assert "policies/default.yaml: ok" in out and "switch: 0.04" in out and "on_switch: bf16" in out
+    assert "policies/default.yaml: ok" in out and "switch: 0.04" in out and "on_switch: rollback" in out
 
 
 def test_policy_check_reports_bad_files_and_still_prints_good_ones(tmp_path, capsys):
