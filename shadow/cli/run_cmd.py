@@ -28,6 +28,9 @@ def register(subparsers) -> None:
     parser.add_argument("--out", help="run directory (default: runs/<job>-<time>)")
     parser.add_argument("--ray-address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
     parser.add_argument("--resume", metavar="DIR", help="continue the run in DIR after its driver died")
+    parser.add_argument("--tracking-uri", help="MLflow tracking URI (default: MLFLOW_TRACKING_URI, else a sqlite "
+                        "store in the run directory)")
+    parser.add_argument("--experiment", help="MLflow experiment (default: the job's name)")
     parser.set_defaults(func=run)
 
 
@@ -44,6 +47,7 @@ def run(args: argparse.Namespace) -> int:
     from shadow.controller.resume import ResumeError, load_resume_point
     from shadow.controller.summary import format_summary
     from shadow.rundir import RunDir, read_events
+    from shadow.tracking.tracker import MlflowTracker
     from shadow.trainer import job_hash
 
     resume = None
@@ -80,8 +84,12 @@ def run(args: argparse.Namespace) -> int:
             ray.init(address="local", num_cpus=_local_cpus(job, policy), include_dashboard=False,
                      configure_logging=False, log_to_driver=False)
     watcher = PolicyWatcher(policy_path, policy, args.policy_overrides)
+    # after RunDirWriter: the tracker uploads files that writer has just written
+    tracker = MlflowTracker(run_dir.path, experiment=args.experiment or job.name, tracking_uri=args.tracking_uri,
+                            resumed=resume is not None)
     controller = Controller(job=job, policy=policy, watcher=watcher, run=run_dir.name, store_uri=store_uri,
-                            callbacks=[RunDirWriter(run_dir), ConsoleProgress(job.steps)], resume=resume)
+                            callbacks=[RunDirWriter(run_dir), ConsoleProgress(job.steps), tracker], resume=resume)
+    tracker.bind(controller.emit)
     controller.emit("run_started", job=job.name, run=run_dir.name, policy_path=str(policy_path),
                     store_uri=store_uri, precision=job.precision.mode.value, resumed=resume is not None)
     previous = {sig: signal.signal(sig, _stop_handler(controller)) for sig in (signal.SIGINT, signal.SIGTERM)}
