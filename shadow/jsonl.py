@@ -1,7 +1,9 @@
 """Append-only JSON-lines files that survive crashes: whole lines only, torn tails tolerated.
 
-Writers append one complete line per record and flush; `sync()` fsyncs at commit points (after a
-checkpoint commit, a decision). Readers skip a torn last line (a crash mid-write) instead of failing.
+Writers append one complete line per record with unbuffered writes (so a crash of the process loses
+nothing written); `sync()` fsyncs at commit points (a checkpoint committed, a decision taken) so a
+crash of the machine loses nothing before them either. Readers skip a torn last line (a crash
+mid-write) instead of failing.
 """
 
 from __future__ import annotations
@@ -17,26 +19,44 @@ class JsonlWriter:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         _drop_torn_tail(self.path)
-        self._file = open(self.path, "a", encoding="utf-8")
+        self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
 
     def write_line(self, line: str) -> None:
-        """Append one serialized record. The line is written in one call so it is never interleaved."""
+        """Append one serialized record, whole or not at all.
+
+        On a failed write (a full disk) the file is cut back to where the line began, so the log never
+        ends in half a record, and the error names the file.
+        """
         if "\n" in line:
             raise ValueError("a JSON-lines record must not contain a newline")
-        self._file.write(line + "\n")
-        self._file.flush()
+        data = (line + "\n").encode("utf-8")
+        start = os.lseek(self._fd, 0, os.SEEK_END)
+        try:
+            written = 0
+            while written < len(data):
+                written += os.write(self._fd, data[written:])
+        except OSError as exc:
+            try:
+                os.ftruncate(self._fd, start)
+            except OSError:
+                pass
+            raise OSError(exc.errno, f"cannot append to {self.path}: {exc.strerror} "
+                          "(is the disk of the run directory full?)") from None
 
     def write(self, record: dict) -> None:
         self.write_line(json.dumps(record, sort_keys=True))
 
     def sync(self) -> None:
-        self._file.flush()
-        os.fsync(self._file.fileno())
+        if self._fd is not None:
+            os.fsync(self._fd)
 
     def close(self) -> None:
-        if not self._file.closed:
-            self.sync()
-            self._file.close()
+        if self._fd is not None:
+            try:
+                self.sync()
+            finally:
+                os.close(self._fd)
+                self._fd = None
 
     def __enter__(self) -> "JsonlWriter":
         return self

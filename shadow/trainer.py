@@ -44,11 +44,11 @@ def job_hash(job: JobConfig) -> str:
     """Hash of every setting that shapes the trajectory, so a checkpoint of another job is refused.
 
     The precision mode is left out (replays run the same job in another precision), as are where
-    checkpoints go, evaluation cadence, resources and how `shadow run` drives the job.
+    checkpoints go, evaluation cadence, resources, how `shadow run` drives the job and injected faults.
     """
     config = to_dict(job)
     config["precision"].pop("mode")
-    for key in ("name", "checkpoint", "eval", "resources", "run"):
+    for key in ("name", "checkpoint", "eval", "resources", "run", "faults"):
         config.pop(key)
     return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -82,6 +82,7 @@ class Trainer:
         self._param_names = {id(p): name for name, p in self.model.named_parameters()}
         self.job_hash = job_hash(job)
         self.step = 0
+        self.nan_loss_at_step: int | None = None  # fault injection (job `faults`), set by the actor
 
     @property
     def precision(self) -> PrecisionMode:
@@ -102,6 +103,8 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         with self.backend.autocast():
             loss = self.model.loss(inputs, targets)
+        if step == self.nan_loss_at_step:
+            loss = loss * float("nan")
         loss.backward()
         clip = self.job.optim.grad_clip if self.job.optim.grad_clip > 0 else float("inf")
         grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip))

@@ -1,8 +1,13 @@
-"""Shared test fixtures: a small job that trains in well under a second per step on one CPU thread."""
+"""Shared test fixtures: a small job that trains fast on one CPU thread, and a local Ray per module."""
 
 from pathlib import Path
 
 import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+# `--set` overrides that shrink a shipped job's model (same data, schedule, faults) for fast runs
+FAST = ["--set", "model.num_layers=2", "--set", "model.d_model=64", "--set", "model.seq_len=64",
+        "--set", "batch_size=8"]
 
 SMALL_JOB = """\
 name: small
@@ -23,3 +28,13 @@ def small_job_file(tmp_path) -> Path:
     path = tmp_path / "small.yaml"
     path.write_text(SMALL_JOB)
     return path
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    """One local Ray for a test module (a Ray takes ~4 s and ~1.6 GB to start)."""
+    import ray
+
+    ray.init(address="local", num_cpus=4, include_dashboard=False, configure_logging=False, log_to_driver=False)
+    yield
+    ray.shutdown()

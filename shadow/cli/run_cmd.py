@@ -92,9 +92,16 @@ def run(args: argparse.Namespace) -> int:
     tracker.bind(controller.emit)
     controller.emit("run_started", job=job.name, run=run_dir.name, policy_path=str(policy_path),
                     store_uri=store_uri, precision=job.precision.mode.value, resumed=resume is not None)
-    previous = {sig: signal.signal(sig, _stop_handler(controller)) for sig in (signal.SIGINT, signal.SIGTERM)}
+    received: list[int] = []
+    previous = {sig: signal.signal(sig, _stop_handler(controller, received)) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         summary = controller.run()
+    except KeyboardInterrupt:  # a second signal while stopping
+        print(f"shadow run stopped at once (second signal)\nrun directory: {run_dir.path}", file=sys.stderr)
+        return 128 + received[0]
+    except Exception as exc:  # the controller has recorded the failure; say it in one line
+        print(f"shadow run failed: {exc}\nrun directory: {run_dir.path}", file=sys.stderr)
+        return 1
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
@@ -102,11 +109,17 @@ def run(args: argparse.Namespace) -> int:
             ray.shutdown()
     print(format_summary(summary))
     print(f"run directory: {run_dir.path}")
+    if received:
+        return 128 + received[0]  # the shell convention for "ended by this signal" (130 SIGINT, 143 SIGTERM)
     return 0 if summary["phase"] == "finished" else 1
 
 
-def _stop_handler(controller):
+def _stop_handler(controller, received: list[int]):
+    """First signal: stop after the running chunk with a final checkpoint. Second: stop at once."""
     def handler(signum, _frame):
+        if received:
+            raise KeyboardInterrupt
+        received.append(signum)
         controller.stop_requested = f"received {signal.Signals(signum).name}"
     return handler
 

@@ -239,14 +239,36 @@ class RunConfig:
     chunk_steps: int = 10  # main-job steps per controller round trip; decisions land on these boundaries
     fp8_speedup: float = 1.3  # FP8-over-BF16 step speedup assumed in the effective-speedup estimate
     # (1.3x is 01.AI's reported figure; published Hopper figures range 1.2-1.5x; measure yours)
+    max_main_restarts: int = 3  # the main trainer may die this often; it restarts from its last checkpoint
+    max_checkpoint_failures: int = 3  # checkpoint saves failing in a row before the run stops (see README)
 
     def problems(self):
         found = []
-        if self.chunk_steps < 1:
-            found.append(("chunk_steps", self.chunk_steps, "a positive integer"))
+        for name in ("chunk_steps", "max_checkpoint_failures"):
+            if getattr(self, name) < 1:
+                found.append((name, getattr(self, name), "a positive integer"))
+        if self.max_main_restarts < 0:
+            found.append(("max_main_restarts", self.max_main_restarts, "a non-negative integer"))
         if not self.fp8_speedup > 0:
             found.append(("fp8_speedup", self.fp8_speedup, "a positive number"))
         return found
+
+
+@dataclass
+class FaultsConfig:
+    """Infrastructure faults injected on purpose, to show a run survives them (like Megatron's error
+    injection). All off (-1) by default; excluded from the job hash. Steps are global steps."""
+
+    main_crash_at_step: int = -1  # the main trainer's process dies (os._exit) before this step; first lineage only
+    replay_crash_at_step: int = -1  # a replay's process dies before this step of its window; first attempt only
+    replay_error_at_step: int = -1  # a replay raises an error before this step of its window; every attempt
+    nan_loss_at_step: int = -1  # this step's loss becomes NaN, in the main job (first lineage) or in replays
+    nan_loss_in: str = "main"  # where nan_loss_at_step applies: main or replay
+
+    def problems(self):
+        if self.nan_loss_in not in ("main", "replay"):
+            return [("nan_loss_in", self.nan_loss_in, "'main' or 'replay'")]
+        return []
 
 
 @dataclass
@@ -263,6 +285,7 @@ class JobConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     resources: ResourcesConfig = field(default_factory=ResourcesConfig)
     run: RunConfig = field(default_factory=RunConfig)
+    faults: FaultsConfig = field(default_factory=FaultsConfig)
 
     def problems(self):
         found = []

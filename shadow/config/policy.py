@@ -74,12 +74,15 @@ class VerifyConfig:
     every_n_steps: int = 100  # cadence: one replay from the first checkpoint committed in each span of this many steps
     window_steps: int = 50  # W: steps each replay (verification or probe) re-trains from its checkpoint
     max_concurrent_replays: int = 1  # replays running at the same time, all purposes together
+    replay_retries: int = 1  # a failed replay (worker died, error) is retried this often, then skipped
     replay_precision: ReplayPrecision = ReplayPrecision.BF16  # precision of verification replays
     eval_batches: int = 0  # held-out batches both sides evaluate at the window's end; 0 = no evaluation
     replay_resources: ReplayResourcesConfig = field(default_factory=ReplayResourcesConfig)
 
     def problems(self):
         found = []
+        if self.replay_retries < 0:
+            found.append(("replay_retries", self.replay_retries, "a non-negative integer"))
         for name in ("every_n_steps", "window_steps", "max_concurrent_replays"):
             if getattr(self, name) < 1:
                 found.append((name, getattr(self, name), "a positive integer"))

@@ -8,9 +8,10 @@ through Ray's object store: only records and small results travel back.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import os
+from dataclasses import dataclass
 
-from shadow.checkpoint import CommitInfo, open_store
+from shadow.checkpoint import AsyncPersister, CommitInfo, open_store
 from shadow.config.job import JobConfig
 from shadow.loop import LoopSettings, run_steps
 from shadow.records import StepRecord
@@ -21,7 +22,7 @@ from shadow.trainer import Trainer
 class ChunkResult:
     step: int  # the main job's step after the chunk
     records: list[StepRecord]
-    commits: list[CommitInfo]
+    checkpoint_events: list[dict]  # committed / failed / deleted, as event payloads, in order
 
 
 @dataclass
@@ -43,14 +44,19 @@ class ReplayTask:
     run: str  # the main job's checkpoint run name
     eval_batches: int = 0
     save_end_run: str | None = None  # commit the end state under this run name (for adopt_replay)
-    extra: dict = field(default_factory=dict)
+    attempt: int = 0  # 0 for the first try, then 1, 2, ... when the controller retries a failed replay
 
 
 class MainTrainer:
+    """The main job's rank. Checkpoints are persisted in the background (the loop blocks only for the
+    in-memory snapshot); their outcomes come back with the next chunk."""
+
     def __init__(self, job: JobConfig, store_uri: str, run: str):
         self.job = job
         self.trainer = Trainer(job)
-        self.store = open_store(store_uri, run)
+        self.store = open_store(store_uri, run, keep_last=job.checkpoint.keep)
+        self.store.check()  # an unreachable store or a missing bucket fails before any training
+        self.persister = AsyncPersister(self.store)
 
     def start(self, precision: str) -> CommitInfo:
         """A fresh job: commit its initial state (step 0), the first possible replay start."""
@@ -66,17 +72,28 @@ class MainTrainer:
             eval_at=frozenset(eval_after_steps),
             eval_batches=eval_batches,
         )
-        result = run_steps(self.trainer, settings, self.store)
+        faults = self.job.faults
+        self.trainer.nan_loss_at_step = faults.nan_loss_at_step if lineage == 0 and faults.nan_loss_in == "main" else None
+        crash_before = faults.main_crash_at_step if lineage == 0 else -1
+        result = run_steps(self.trainer, settings, persister=self.persister,
+                           on_record=lambda record: _crash_if(record.step + 1 == crash_before))
         for record in result.records:
             record.lineage = lineage
-        return ChunkResult(self.trainer.step, result.records, result.commits)
+        events = [e.to_event() for e in [*result.checkpoint_events, *self.persister.poll()]]
+        return ChunkResult(self.trainer.step, result.records, events)
+
+    def flush(self) -> list[dict]:
+        """Wait for the checkpoint in flight; its outcome as event payloads."""
+        self.persister.wait()
+        return [e.to_event() for e in self.persister.poll()]
 
     def set_precision(self, precision: str) -> None:
         self.trainer.set_precision(precision)
 
     def restore(self, store_uri: str, run: str, step: int, precision: str) -> int:
         """Continue from a committed checkpoint (a rollback target, or a replay's end state)."""
-        store = open_store(store_uri, run)
+        self.persister.wait()  # a save of the abandoned state must not land after the restore
+        store = self.store if run == self.store.run else open_store(store_uri, run)
         self.trainer.restore(store.load(step, expected_job_hash=self.trainer.job_hash))
         self.trainer.set_precision(precision)
         return self.trainer.step
@@ -85,6 +102,7 @@ class MainTrainer:
         return self.trainer.evaluate(num_batches)
 
     def commit_now(self) -> CommitInfo:
+        self.persister.wait()
         return self.store.save(self.trainer.snapshot())
 
 
@@ -103,11 +121,25 @@ class ReplayWorker:
         trainer.restore(snapshot)
         trainer.set_precision(task.precision)
         until = task.start_step + task.num_steps
+        faults = self.job.faults
+        trainer.nan_loss_at_step = faults.nan_loss_at_step if faults.nan_loss_in == "replay" else None
+
+        def inject(record: StepRecord) -> None:
+            _crash_if(record.step + 1 == faults.replay_crash_at_step and task.attempt == 0)
+            if record.step + 1 == faults.replay_error_at_step:
+                raise RuntimeError(f"injected replay error before step {faults.replay_error_at_step} (job faults)")
+
         settings = LoopSettings(until_step=until, eval_at_end=task.eval_batches > 0, eval_batches=task.eval_batches)
-        records = run_steps(trainer, settings).records
+        records = run_steps(trainer, settings, on_record=inject).records
         end_checkpoint = None
         if task.save_end_run is not None:
             end_store = open_store(task.store_uri, task.save_end_run)
             end_checkpoint = end_store.save(trainer.snapshot()).uri
         eval_loss = records[-1].eval_loss if records else None
         return ReplayResult(records, eval_loss, end_checkpoint, time.perf_counter() - started)
+
+
+def _crash_if(condition: bool) -> None:
+    """Injected crash: the process dies at once, as an OOM kill or a segfault would end it."""
+    if condition:
+        os._exit(17)

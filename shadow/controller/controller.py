@@ -8,11 +8,14 @@ through the checkpoint store; actors return records only. All side effects go th
 
 from __future__ import annotations
 
+import math
+import sys
 import time
 from dataclasses import dataclass, replace
 
 import ray
 
+from shadow.checkpoint import CheckpointError, open_store
 from shadow.compare import Verdict, compare
 from shadow.config.job import JobConfig
 from shadow.config.loader import to_yaml
@@ -39,6 +42,8 @@ class _Replay:
     regime: int
     lineage: int
     save_end_run: str | None
+    pin: str  # pin reason holding the start checkpoint against retention while the replay runs
+    attempt: int = 0
     result: ReplayResult | None = None
 
 
@@ -71,6 +76,10 @@ class Controller:
         self.idle_workers: list[object] = []
         self.stop_requested: str | None = None
         self.policy_version = 1
+        self.store = open_store(store_uri, run)  # for pins; the main trainer owns writing and retention
+        self.rollback_pin: int | None = None
+        self.checkpoint_failures_in_row = 0
+        self.given_up: list[ReplayRequest] = []  # windows whose replay failed for good
         self.started = time.perf_counter()
 
     # ----------------------------------------------------------------------------- events
@@ -96,38 +105,72 @@ class Controller:
 
     # ----------------------------------------------------------------------------- run
     def run(self) -> dict:
-        for callback in self.callbacks:
-            callback.on_policy(self.policy_version, to_yaml(self.policy))
+        """Run to the end; FAILED re-raises (the CLI turns it into a message and exit code 1)."""
+        failure: Exception | None = None
         try:
+            for callback in self.callbacks:
+                callback.on_policy(self.policy_version, to_yaml(self.policy))
             self._start_main()
             self._transition(Phase.TRAINING, f"main trainer at step {self.main_step} in {self.state.precision}")
             self._loop()
             self._finish_main()
             self._transition(Phase.FINISHED, f"main job reached step {self.main_step}")
         except KeyboardInterrupt:
+            self._final_checkpoint()
             self._transition(Phase.INTERRUPTED, self.stop_requested or "interrupted")
         except Exception as exc:
-            self._transition(Phase.FAILED, f"{type(exc).__name__}: {exc}")
-            raise
-        finally:
-            summary = self._summary()
-            self.emit("run_finished", phase=self.phase.value, final_step=summary["final_step"])
-            self._commit_point()
-            for callback in self.callbacks:
-                callback.on_finish(summary)
+            failure = exc
+            self._safely(lambda: self._transition(Phase.FAILED, f"{type(exc).__name__}: {exc}"))
+        summary = self._summary()
+        self._safely(lambda: self.emit("run_finished", phase=self.phase.value, final_step=summary["final_step"]))
+        for callback in self.callbacks:
+            self._safely(lambda callback=callback: callback.on_finish(summary))
+        if failure is not None:
+            raise failure
         return summary
 
-    def _start_main(self) -> None:
+    def _safely(self, action) -> None:
+        """At the end of a failed run, writing the record may fail too (a full disk): report, go on."""
+        try:
+            action()
+        except Exception as exc:
+            print(f"shadow: could not record the end of the run: {exc}", file=sys.stderr)
+
+    def _final_checkpoint(self) -> None:
+        """On SIGINT/SIGTERM: let the running chunk finish and commit the state it reached."""
+        try:
+            if self.main_future is not None:
+                ready, _ = ray.wait([self.main_future], timeout=300)
+                if ready:
+                    self._on_chunk(ray.get(self.main_future))
+                self.main_future = None
+            self._on_checkpoint_events(ray.get(self.main.flush.remote()))
+            if self.main_step not in self.committed:
+                commit = ray.get(self.main.commit_now.remote())
+                self._on_checkpoint_events([commit.to_event()])
+        except Exception as exc:  # the main trainer is gone: the last committed checkpoint stands
+            self.emit("final_checkpoint_failed", error=f"{type(exc).__name__}: {exc}",
+                      last_committed=max(self.committed, default=None))
+
+    def _new_main(self):
         resources = self.job.resources
         actor = ray.remote(MainTrainer).options(num_cpus=resources.cpus_per_rank, num_gpus=self._main_gpus())
-        self.main = actor.remote(self.job, self.store_uri, self.run_name)
+        return actor.remote(self.job, self.store_uri, self.run_name)
+
+    def _start_main(self) -> None:
+        self.main = self._new_main()
         if self.resume is None:
             commit = ray.get(self.main.start.remote(self.state.precision))
             self.main_step = commit.step
-            self._on_commit({"step": commit.step, "uri": commit.uri, "bytes": commit.num_bytes,
-                             "seconds": round(commit.seconds, 4)})
+            self._on_checkpoint_events([commit.to_event()])
         else:
             point = self.resume
+            for step, reasons in self.store.pins().items():  # replays of the dead driver are gone
+                for reason in reasons:
+                    if reason.startswith("replay-"):
+                        self._unpin(step, reason)
+            for step, error in point.rejected:
+                self.emit("checkpoint_rejected", step=step, error=error)
             self.main_step = ray.get(self.main.restore.remote(
                 self.store_uri, point.restore_run, point.restore_step, self.state.precision))
             self.emit("resumed", step=self.main_step, from_run=point.restore_run, lineage=self.state.lineage,
@@ -146,6 +189,8 @@ class Controller:
             if self.stop_requested:
                 raise KeyboardInterrupt
             if self.main_future is None and self.main_step < self.job.steps:
+                if self.phase is Phase.DRAINING:
+                    self._transition(Phase.TRAINING, f"main job rolled back to step {self.main_step}")
                 self._launch_chunk()
             refs = ([self.main_future] if self.main_future is not None else []) + list(self.replays)
             if not refs:
@@ -158,7 +203,12 @@ class Controller:
             ref = ready[0]
             if self.main_future is not None and ref == self.main_future:
                 self.main_future = None
-                self._on_chunk(ray.get(ref))
+                try:
+                    result = ray.get(ref)
+                except ray.exceptions.RayActorError as exc:
+                    self._restart_main(exc)
+                else:
+                    self._on_chunk(result)
             else:
                 self._on_replay_done(ref)
             if self.main_future is None:
@@ -182,17 +232,88 @@ class Controller:
         self.trained.extend(result.records)
         for callback in self.callbacks:
             callback.on_main_records(result.records)
-        for commit in result.commits:
-            self._on_commit({"step": commit.step, "uri": commit.uri, "bytes": commit.num_bytes,
-                             "seconds": round(commit.seconds, 4)})
+        self._on_checkpoint_events(result.checkpoint_events)
         self.main_step = result.step
+        self._verify_nonfinite(result.records)
+
+    def _verify_nonfinite(self, records: list[StepRecord]) -> None:
+        """A non-finite FP8 loss cannot wait for the cadence: replay its window in BF16 at once, so the
+        policy judges it (a `nonfinite` verdict) whether or not a scheduled window covers the step."""
+        bad = [r.step for r in records if r.precision == "fp8" and not math.isfinite(r.loss)]
+        if not bad:
+            return
+        window = self.policy.verify.window_steps
+        taken = [r.request for r in [*self.replays.values(), *self.finished]]
+        starts = [s for s in self.committed if s <= bad[0] < s + window]
+        covered = any(r.start_step <= bad[0] < r.start_step + r.num_steps for r in taken)
+        if starts and not covered and max(starts) + window <= self.job.steps:
+            request = ReplayRequest(max(starts), window, self.policy.verify.replay_precision.value, Purpose.VERIFY)
+            self.emit("replay_triggered", step=bad[0], reason=f"non-finite FP8 loss at step {bad[0]}",
+                      **request.to_dict())
+            self._launch_replay(request)
+
+    def _on_checkpoint_events(self, events: list[dict]) -> None:
+        for event in events:
+            payload = {k: v for k, v in event.items() if k != "event"}
+            if event["event"] == "checkpoint_committed":
+                self.checkpoint_failures_in_row = 0
+                self._on_commit(payload)
+            elif event["event"] == "checkpoint_deleted":
+                self.committed.discard(event["step"])
+                self.emit("checkpoint_deleted", **payload)
+            else:
+                self._on_checkpoint_failed(payload)
+
+    def _on_checkpoint_failed(self, payload: dict) -> None:
+        """A failed save: training goes on from memory (replays use older checkpoints) until
+        `run.max_checkpoint_failures` saves in a row failed; then the run stops rather than train on
+        with nothing recoverable past the last commit."""
+        self.checkpoint_failures_in_row += payload.get("stage") == "save"
+        limit = self.job.run.max_checkpoint_failures
+        self.emit("checkpoint_failed", lineage=self.state.lineage, failures_in_row=self.checkpoint_failures_in_row,
+                  limit=limit, **payload)
+        self._commit_point()
+        if self.checkpoint_failures_in_row >= limit:
+            raise ControllerError(
+                f"{self.checkpoint_failures_in_row} checkpoint saves failed in a row (run.max_checkpoint_failures="
+                f"{limit}); last error: {payload['error']}. The last committed checkpoint is step "
+                f"{max(self.committed, default=None)}; fix the store and continue with `shadow run --resume`")
 
     def _on_commit(self, info: dict) -> None:
         self.committed.add(info["step"])
         self.emit("checkpoint_committed", lineage=self.state.lineage, **info)
         self._commit_point()
 
+    def _restart_main(self, error: Exception) -> None:
+        """The main trainer's process died: start a new one from the newest checkpoint that loads."""
+        restarts = self.state.num_main_restarts + 1
+        limit = self.job.run.max_main_restarts
+        lost_from = self.main_step
+        if restarts > limit:
+            raise ControllerError(f"the main trainer died {restarts} times (run.max_main_restarts={limit}); "
+                                  f"last error: {_first_line(error)}")
+        self.main = self._new_main()
+        for step in sorted(self.committed, reverse=True):
+            try:
+                self.main_step = ray.get(self.main.restore.remote(self.store_uri, self.run_name, step,
+                                                                  self.state.precision))
+                break
+            except ray.exceptions.RayTaskError as exc:  # a damaged checkpoint: fall back to the one before
+                self.emit("checkpoint_rejected", step=step, error=_first_line(exc))
+                self.committed.discard(step)
+        else:
+            raise ControllerError(f"the main trainer died and no committed checkpoint of lineage "
+                                  f"{self.state.lineage} could be loaded: {_first_line(error)}")
+        self.state = replace(self.state, lineage=self.state.lineage + 1, num_main_restarts=restarts,
+                             restore_step=self.main_step, restore_run=self.run_name)
+        for step in [s for s in self.history if s >= self.main_step]:
+            del self.history[step]
+        self.emit("main_restarted", restart=restarts, limit=limit, step=self.main_step,
+                  discarded=[self.main_step, lost_from], error=_first_line(error), state=self.state.to_dict())
+        self._commit_point()
+
     def _finish_main(self) -> None:
+        self._on_checkpoint_events(ray.get(self.main.flush.remote()))
         if self.history and self.job.eval.batches:
             self.final_eval_loss = ray.get(self.main.evaluate.remote(self.job.eval.batches))
             self.emit("final_evaluation", step=self.main_step, eval_loss=self.final_eval_loss)
@@ -202,21 +323,51 @@ class Controller:
         # finished replays still waiting for their verdict count as in flight: their window is taken
         in_flight = [r.request for r in [*self.replays.values(), *self.finished]]
         requests = due_replays(self.policy, self.policy_state, main_step=self.main_step,
-                               committed_steps=self.committed, in_flight=in_flight, total_steps=self.job.steps)
+                               committed_steps=self.committed, in_flight=in_flight, total_steps=self.job.steps,
+                               given_up=self.given_up)
         for request in requests:
             self._launch_replay(request)
 
     def _launch_replay(self, request: ReplayRequest) -> None:
-        worker = self.idle_workers.pop() if self.idle_workers else self._new_worker()
         self.num_replays += 1
         name = f"{self.num_replays:03d}-{request.purpose.value}-{request.precision}-at-{request.start_step:09d}"
+        pin = f"replay-{self.num_replays}"
+        try:
+            self.store.pin(request.start_step, pin)  # retention must keep its start
+        except CheckpointError as exc:
+            self.committed.discard(request.start_step)
+            self.emit("replay_skipped", name=name, **request.to_dict(), reason=f"cannot pin its checkpoint: {exc}")
+            return
         adopt = self.policy.action.on_switch is OnSwitch.ADOPT_REPLAY and request.purpose is Purpose.VERIFY
         save_end_run = f"{self.run_name}-replays/{name}" if adopt else None
-        task = ReplayTask(request.start_step, request.num_steps, request.precision, self.store_uri, self.run_name,
-                          self.policy.verify.eval_batches, save_end_run)
-        future = worker.run.remote(task)
-        self.replays[future] = _Replay(name, request, worker, self.state.regime, self.state.lineage, save_end_run)
+        self._start_task(name, request, pin, save_end_run, attempt=0)
         self.emit("replay_started", name=name, **request.to_dict(), regime=self.state.regime)
+
+    def _start_task(self, name: str, request: ReplayRequest, pin: str, save_end_run: str | None, attempt: int) -> None:
+        worker = self.idle_workers.pop() if self.idle_workers else self._new_worker()
+        task = ReplayTask(request.start_step, request.num_steps, request.precision, self.store_uri, self.run_name,
+                          self.policy.verify.eval_batches, save_end_run, attempt)
+        future = worker.run.remote(task)
+        self.replays[future] = _Replay(name, request, worker, self.state.regime, self.state.lineage, save_end_run,
+                                       pin, attempt)
+
+    def _on_replay_failed(self, replay: _Replay, error: Exception) -> None:
+        """Retry on a healthy worker up to `verify.replay_retries`, then give the window up; the main
+        job never waits for it."""
+        worker_died = isinstance(error, ray.exceptions.RayActorError)
+        if not worker_died:
+            self.idle_workers.append(replay.worker)
+        retries = self.policy.verify.replay_retries
+        self.emit("replay_failed", name=replay.name, attempt=replay.attempt, retries=retries,
+                  worker_died=worker_died, error=_first_line(error))
+        stale = replay.regime != self.state.regime or replay.lineage != self.state.lineage
+        if replay.attempt < retries and not stale:
+            self._start_task(replay.name, replay.request, replay.pin, replay.save_end_run, replay.attempt + 1)
+            return
+        self._unpin(replay.request.start_step, replay.pin)
+        self.given_up.append(replay.request)
+        self.emit("replay_skipped", name=replay.name, **replay.request.to_dict(),
+                  reason="the main job moved on" if stale else f"failed {replay.attempt + 1} time(s)")
 
     def _new_worker(self):
         resources = self.policy.verify.replay_resources
@@ -225,8 +376,13 @@ class Controller:
 
     def _on_replay_done(self, ref) -> None:
         replay = self.replays.pop(ref)
+        try:
+            replay.result = ray.get(ref)
+        except (ray.exceptions.RayActorError, ray.exceptions.RayTaskError) as exc:
+            self._on_replay_failed(replay, exc)
+            return
         self.idle_workers.append(replay.worker)
-        replay.result = ray.get(ref)
+        self._unpin(replay.request.start_step, replay.pin)
         records = replay.result.records
         precision = replay.request.precision
         self.replay_steps[precision] = self.replay_steps.get(precision, 0) + len(records)
@@ -285,6 +441,28 @@ class Controller:
         self._commit_point()
         for decision in outcome.decisions:
             self._apply(decision, replay)
+        self._pin_rollback_target()
+
+    def _pin_rollback_target(self) -> None:
+        """Keep the checkpoint a rollback would return to (the last verified window's start)."""
+        target = self.policy_state.last_verified_step
+        if target == self.rollback_pin or target not in self.committed:
+            return
+        if self.rollback_pin is not None:
+            self._unpin(self.rollback_pin, "rollback-target")
+        try:
+            self.store.pin(target, "rollback-target")
+        except CheckpointError as exc:
+            self.emit("pin_failed", step=target, reason="rollback-target", error=str(exc))
+            return
+        self.rollback_pin = target
+
+    def _unpin(self, step: int, reason: str) -> None:
+        """A pin left behind (store unreachable) only keeps a checkpoint longer: report it, go on."""
+        try:
+            self.store.unpin(step, reason)
+        except CheckpointError as exc:
+            self.emit("unpin_failed", step=step, reason=reason, error=str(exc))
 
     def _apply(self, decision: Decision, replay: _Replay) -> None:
         if decision.kind is DecisionKind.SWITCH_TO_BF16:
@@ -325,7 +503,15 @@ class Controller:
         self.main_step = ray.get(self.main.restore.remote(self.store_uri, run, step, "bf16"))
         for s in [s for s in self.history if s >= keep_committed_upto]:
             del self.history[s]
-        self.committed = {s for s in self.committed if s <= keep_committed_upto}
+        abandoned = sorted(s for s in self.committed if s > keep_committed_upto)
+        self.committed -= set(abandoned)
+        for s in abandoned:  # the old branch's checkpoints must not count as latest or for retention
+            try:
+                self.store.delete(s)
+            except CheckpointError as exc:  # pinned by a replay still running: it goes when re-saved
+                self.emit("checkpoint_kept", step=s, reason=str(exc))
+                continue
+            self.emit("checkpoint_deleted", step=s, uri=self.store.step_uri(s), reason=f"abandoned by {kind}")
 
     def _adopt(self, replay: _Replay, decision: Decision) -> None:
         start = replay.request.start_step
@@ -345,3 +531,10 @@ class Controller:
                              final_eval_loss=self.final_eval_loss, fp8_speedup=self.job.run.fp8_speedup,
                              wall_s=time.perf_counter() - self.started, phase=self.phase.value,
                              policy_state=self.state.policy_state)
+
+
+def _first_line(error: Exception) -> str:
+    """Ray wraps remote errors in long tracebacks; the event keeps the line that says what happened."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    cause = next((line for line in reversed(lines) if "Error" in line or "error" in line), lines[-1] if lines else "")
+    return f"{type(error).__name__}: {cause}"[:500]

@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from shadow.checkpoint import CheckpointError, open_store
+from shadow.checkpoint import CheckpointError, StorageError, open_store
 from shadow.compare import Verdict
 from shadow.controller.state import RunState
 from shadow.records import StepRecord
@@ -30,6 +30,7 @@ class ResumePoint:
     restore_run: str
     history: list[StepRecord]  # kept rows before restore_step
     steps_lost: int  # rows the dead driver wrote after restore_step: trained again, now discarded
+    rejected: list[tuple[int, str]]  # newer checkpoints of the lineage that failed verification, and why
     trained: list[StepRecord]  # every row the main job trained
     committed: set[int]
     verdicts: list[Verdict]
@@ -50,10 +51,14 @@ def load_resume_point(run_dir: str | Path, run: str, store_uri: str, job_hash: s
                               if e["event"] == "checkpoint_committed" and e.get("lineage") == state.lineage})
     store = open_store(store_uri, run)
     restore_step, restore_run = None, run
+    rejected: list[tuple[int, str]] = []
     for step in reversed(lineage_commits):
         try:
-            store.load(step, expected_job_hash=job_hash)
-        except CheckpointError:
+            store.verify(step, expected_job_hash=job_hash)
+        except StorageError:
+            raise  # the store is unreachable: falling back to an older checkpoint would be wrong
+        except CheckpointError as exc:  # damaged, truncated, foreign: fall back to the one before
+            rejected.append((step, str(exc)))
             continue
         restore_step = step
         break
@@ -74,6 +79,7 @@ def load_resume_point(run_dir: str | Path, run: str, store_uri: str, job_hash: s
         restore_run=restore_run,
         history=[r for r in kept if r.step < restore_step],
         steps_lost=sum(1 for r in kept if r.step >= restore_step),
+        rejected=rejected,
         trained=read_trajectory(run_dir),
         committed={s for s in lineage_commits if s <= restore_step},
         verdicts=[Verdict.from_dict(e["verdict"]) for e in verdict_events],

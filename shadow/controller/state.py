@@ -4,6 +4,7 @@
 | --- | --- | --- |
 | STARTING | main trainer ready (fresh, or restored on resume) | TRAINING |
 | TRAINING | main job reached the job's last step, replays still running | DRAINING |
+| DRAINING | a late verdict rolled the main job back: steps to train again | TRAINING |
 | TRAINING, DRAINING | main job done and no replay in flight | FINISHED |
 | any | an error the controller cannot recover from | FAILED |
 | any | SIGINT / SIGTERM | INTERRUPTED |
@@ -30,7 +31,7 @@ class Phase(str, Enum):
 ALLOWED = {
     Phase.STARTING: {Phase.TRAINING, Phase.FAILED, Phase.INTERRUPTED},
     Phase.TRAINING: {Phase.DRAINING, Phase.FINISHED, Phase.FAILED, Phase.INTERRUPTED},
-    Phase.DRAINING: {Phase.FINISHED, Phase.FAILED, Phase.INTERRUPTED},
+    Phase.DRAINING: {Phase.TRAINING, Phase.FINISHED, Phase.FAILED, Phase.INTERRUPTED},
     Phase.FINISHED: set(),
     Phase.FAILED: set(),
     Phase.INTERRUPTED: set(),
@@ -50,6 +51,7 @@ class RunState:
     lineage: int = 0  # increases at every rollback, adopted replay or restart of the main job
     regime: int = 0  # increases at every precision switch; replays of an older regime are dropped
     num_switches: int = 0  # precision switches applied to the main job, either direction
+    num_main_restarts: int = 0  # times the main trainer died and was restarted from a checkpoint
     restore_step: int | None = None  # the checkpoint the current lineage started from
     restore_run: str | None = None  # its run name in the store (the main run, or a replay's end state)
 

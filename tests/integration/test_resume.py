@@ -11,13 +11,10 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
+
+from conftest import FAST, REPO
 
 from shadow.rundir import read_events, read_history
-
-REPO = Path(__file__).resolve().parents[2]
-FAST = ["--set", "model.num_layers=2", "--set", "model.d_model=64", "--set", "model.seq_len=64",
-        "--set", "batch_size=8"]
 
 
 def _shadow(*args) -> list[str]:

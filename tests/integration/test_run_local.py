@@ -8,24 +8,14 @@ import json
 import shutil
 import threading
 import time
-from pathlib import Path
 
 import pytest
-import ray
+from conftest import FAST, REPO
 
 from shadow.cli import main
 from shadow.rundir import read_events, read_history
 
-REPO = Path(__file__).resolve().parents[2]
-FAST = ["--set", "model.num_layers=2", "--set", "model.d_model=64", "--set", "model.seq_len=64",
-        "--set", "batch_size=8"]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def local_ray():
-    ray.init(address="local", num_cpus=4, include_dashboard=False, configure_logging=False, log_to_driver=False)
-    yield
-    ray.shutdown()
+pytestmark = pytest.mark.usefixtures("local_ray")
 
 
 def _run(tmp_path, name, *args):
