@@ -1,0 +1,192 @@
+"""The checkpoint store fails under a running `shadow run`: S3 goes away for a while or for good.
+
+A real S3-protocol server (moto) on 127.0.0.1 sits behind a relay the test can switch off and on,
+which is what an S3 outage looks like to the trainer (connections refused), while the server keeps
+its objects. The Ray workers read the standard AWS environment, so it is set before Ray starts.
+"""
+
+import json
+import os
+import secrets
+import socket
+import threading
+import time
+import uuid
+
+import pytest
+import ray
+from conftest import FAST, REPO
+from s3_fixtures import BUCKET, MotoServer, s3_client
+
+from shadow.checkpoint import open_store
+from shadow.cli import main
+from shadow.config import load_job
+from shadow.rundir import read_events
+from shadow.trainer import job_hash
+
+TINY = str(REPO / "jobs/tiny.yaml")
+SECRET = f"planted-secret-{secrets.token_hex(8)}"
+
+
+class SwitchableRelay:
+    """A TCP relay to a server that can be taken down (listener closed, connections cut) and up again."""
+
+    def __init__(self, target_port: int):
+        self.target = target_port
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            self.port = probe.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self._sockets: list[socket.socket] = []
+        self._lock = threading.Lock()
+        self.listener = None
+        self.up()
+
+    def up(self) -> None:
+        if self.listener is not None:
+            return
+        self.listener = socket.create_server(("127.0.0.1", self.port))
+        threading.Thread(target=self._accept, args=(self.listener,), daemon=True).start()
+
+    def down(self) -> None:
+        with self._lock:
+            if self.listener is None:
+                return
+            for s in [self.listener, *self._sockets]:
+                try:
+                    s.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+                s.close()
+            self._sockets = []
+            self.listener = None
+
+    def _accept(self, listener) -> None:
+        while True:
+            try:
+                client, _ = listener.accept()
+            except OSError:
+                return
+            upstream = socket.create_connection(("127.0.0.1", self.target))
+            with self._lock:
+                self._sockets += [client, upstream]
+            for source, sink in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pump, args=(source, sink), daemon=True).start()
+
+    @staticmethod
+    def _pump(source, sink) -> None:
+        try:
+            while data := source.recv(65536):
+                sink.sendall(data)
+        except OSError:
+            pass
+        for s in (source, sink):
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+
+@pytest.fixture(scope="module")
+def s3_relay():
+    """moto behind a switchable relay, the AWS environment pointing at the relay, then a local Ray."""
+    moto = MotoServer()
+    s3_client(moto.url).create_bucket(Bucket=BUCKET)
+    relay = SwitchableRelay(moto.port)
+    saved = dict(os.environ)
+    os.environ.update({"AWS_ENDPOINT_URL": relay.url, "AWS_ACCESS_KEY_ID": "AKIATESTSHADOW000000",
+                       "AWS_SECRET_ACCESS_KEY": SECRET, "AWS_DEFAULT_REGION": "us-east-1",
+                       "AWS_CONFIG_FILE": "/dev/null", "AWS_SHARED_CREDENTIALS_FILE": "/dev/null"})
+    ray.init(address="local", num_cpus=4, include_dashboard=False, configure_logging=False, log_to_driver=False)
+    try:
+        yield relay, f"s3://{BUCKET}"
+    finally:
+        ray.shutdown()
+        os.environ.clear()
+        os.environ.update(saved)
+        relay.down()
+        moto.stop()
+
+
+def _watch(out, condition, action, timeout_s=120):
+    """Run `action` once the run's events satisfy `condition` (a thread beside the controller)."""
+    def loop():
+        deadline = time.time() + timeout_s
+        while time.time() < deadline:
+            if (out / "events.jsonl").exists() and condition(read_events(out)):
+                action()
+                return
+            time.sleep(0.02)
+    thread = threading.Thread(target=loop, daemon=True)
+    thread.start()
+    return thread
+
+
+def _committed(events, at_least=0):
+    return [e["step"] for e in events if e["event"] == "checkpoint_committed" and e["step"] >= at_least]
+
+
+def _failed(events):
+    return [e for e in events if e["event"] == "checkpoint_failed"]
+
+
+def _run(tmp_path, root, *args):
+    out = tmp_path / "run"
+    code = main(["run", "--job", TINY, *FAST, "--set", "steps=150", "--set", "checkpoint.every_steps=10",
+                 "--set", f"checkpoint.uri={root}/{uuid.uuid4().hex[:8]}", "--out", str(out), *args])
+    return code, out
+
+
+def test_short_s3_outage_costs_some_checkpoints_and_the_run_goes_on(s3_relay, tmp_path, capsys):
+    relay, root = s3_relay
+    out = tmp_path / "run"
+    down = _watch(out, lambda ev: _committed(ev, at_least=50), relay.down)
+    back = _watch(out, lambda ev: len(_failed(ev)) >= 2, relay.up)
+    try:
+        code, out = _run(tmp_path, root)
+    finally:
+        down.join(1)
+        back.join(1)
+        relay.up()
+    events = read_events(out)
+    assert code == 0, capsys.readouterr().err[-2000:]
+    failures = _failed(events)
+    assert len(failures) >= 2 and max(f["failures_in_row"] for f in failures) <= 2
+    assert all("s3://" in f["uri"] and f["error"] for f in failures)
+    first_failure = events.index(failures[0])
+    assert any(e["event"] == "checkpoint_committed" for e in events[first_failure:])  # commits resumed
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["phase"] == "finished" and summary["final_step"] == 150
+    _assert_secret_absent(out, capsys.readouterr())
+
+
+def test_s3_gone_for_good_stops_the_run_with_the_last_checkpoint_intact(s3_relay, tmp_path, capsys):
+    relay, root = s3_relay
+    out = tmp_path / "run"
+    down = _watch(out, lambda ev: _committed(ev, at_least=50), relay.down)
+    try:
+        code, out = _run(tmp_path, root)
+    finally:
+        down.join(1)
+        relay.up()
+    err = capsys.readouterr().err
+    assert code == 1
+    assert "checkpoint saves failed in a row (run.max_checkpoint_failures=3)" in err
+    assert "shadow run --resume" in err
+    events = read_events(out)
+    assert [f["failures_in_row"] for f in _failed(events) if f["stage"] == "save"][-1] == 3
+    assert events[-1]["event"] == "run_finished" and events[-1]["phase"] == "failed"
+    last = max(_committed(events))
+    started = next(e for e in events if e["event"] == "run_started")
+    job = load_job(str(out / "job.yaml"))
+    store = open_store(started["store_uri"], started["run"])
+    assert store.latest_committed(job_hash(job)) == last  # the previous checkpoint stays latest, and loads
+    assert store.load(last, job_hash(job)).step == last
+
+
+def _assert_secret_absent(out, captured) -> None:
+    """S3 credentials never reach events, logs, summary or the console."""
+    texts = [captured.out, captured.err]
+    texts += [p.read_text(errors="replace") for p in out.rglob("*") if p.is_file() and p.suffix in
+              (".jsonl", ".json", ".yaml", ".txt", ".log")]
+    assert texts and not [t for t in texts if SECRET in t]
