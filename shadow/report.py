@@ -122,8 +122,13 @@ def render_png(run_dir: str | os.PathLike, out: str | os.PathLike, report: RunRe
     for name, value in report.thresholds.items():
         gap_ax.axhline(value, ls="--", lw=0.8, color=LEVEL_COLOURS["warn" if name == "warn" else "violation"],
                        label=f"{name} {value:g}")
-    gap_ax.set_yscale("symlog", linthresh=min(report.thresholds.values(), default=1e-3))  # thresholds and
-    gap_ax.set_ylabel(report.metric)  # a 10x violation both readable
+    # symlog: the thresholds (~1e-2) and a violation ten times larger both readable
+    linthresh = min(report.thresholds.values(), default=1e-3)
+    values = [v["value"] for v in report.verdicts if isinstance(v.get("value"), (int, float))
+              and math.isfinite(v["value"])] + list(report.thresholds.values())
+    gap_ax.set_yscale("symlog", linthresh=linthresh)
+    gap_ax.set_ylim(min([-linthresh, *values]) * 3, max([linthresh, *values]) * 3)
+    gap_ax.set_ylabel(report.metric)
     gap_ax.set_xlabel("global step")
     shapes = [Line2D([], [], ls="", marker=m, color="#555555", label=f"{purpose} window")
               for purpose, m in (("verify", "o"), ("probe", "s"))]

@@ -14,9 +14,11 @@ from shadow.tracking.keys import MAIN
 from shadow.tracking.sender import MlflowSender
 from shadow.tracking.spool import Spool
 from shadow.tracking.state import TrackingState
-from shadow.tracking.tracker import CLOSE_TIMEOUT_S, bound_http_requests
+from shadow.tracking.tracker import bound_http_requests
 from shadow.tracking.uri import redact, resolve_tracking_uri
 from shadow.tracking.worker import TrackingWorker
+
+SEND_TIMEOUT_S = 10.0  # a command-line user waits this long for an MLflow that does not answer
 
 
 def send_to_attached_run(run_dir: Path, artifacts: list[Path], tracking_uri: str | None = None) -> str:
@@ -40,7 +42,7 @@ def send_to_attached_run(run_dir: Path, artifacts: list[Path], tracking_uri: str
                             lambda name, payload: print(f"tracking: {name}: {payload}", file=sys.stderr),
                             state.tracking_uri)
     worker.start()
-    left = worker.close(CLOSE_TIMEOUT_S)
+    left = worker.close(SEND_TIMEOUT_S)
     spool.close()
     if left:
         return f"MLflow: {state.tracking_uri} did not answer; {left} operation(s) stay in {spool.path} for next time"

@@ -49,7 +49,6 @@ def record_metrics(record: StepRecord, timestamp_ms: int, *, main: bool) -> list
         "train/grad_norm": record.grad_norm,
         "train/lr": record.lr,
         "train/step_time_s": record.step_time_s,
-        "train/tokens": record.tokens,
         "eval/loss": record.eval_loss,
         "shadow/precision": PRECISION_CODE.get(record.precision),
     }
