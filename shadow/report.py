@@ -43,7 +43,7 @@ class RunReport:
     replays: list[Replay]
     verdicts: list[dict]  # `verdict` events
     decisions: list[dict]  # `decision` events
-    rollbacks: list[dict]  # `rollback` and `replay_adopted` events
+    rollbacks: list[dict]  # `rollback`, `replay_adopted` and `main_restarted` events: rows discarded
     thresholds: dict[str, float] = field(default_factory=dict)  # warn / switch of the first policy
     metric: str = "rel_mean_gap"
 
@@ -67,7 +67,7 @@ def load_report(run_dir: str | os.PathLike) -> RunReport:
                               event["num_steps"], records, levels.get(event["name"], "not judged")))
     report = RunReport(run_dir, kept, discarded, replays, verdicts,
                        decisions=[e for e in events if e["event"] == "decision"],
-                       rollbacks=[e for e in events if e["event"] in ("rollback", "replay_adopted")])
+                       rollbacks=[e for e in events if e["event"] in ("rollback", "replay_adopted", "main_restarted")])
     policy_path = run_dir / "policy-v1.yaml"
     if policy_path.exists():
         policy = yaml.safe_load(policy_path.read_text()) or {}
@@ -181,5 +181,6 @@ def format_tables(report: RunReport) -> str:
         lines.append("(none)")
     for event in report.rollbacks:
         first, end = event["discarded"]
-        lines.append(f"{event['event']}: steps [{first}, {end}) discarded, main job back to step {event['new_step']}")
+        back_to = event.get("new_step", event.get("step"))
+        lines.append(f"{event['event']}: steps [{first}, {end}) discarded, main job back to step {back_to}")
     return "\n".join(lines)

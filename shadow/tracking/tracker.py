@@ -115,7 +115,7 @@ class MlflowTracker(RunCallback):
     def _end_lost_replays(self) -> None:
         """Replays in flight when the driver died never report: close their runs instead of leaving them RUNNING."""
         events = read_events(self.run_dir)
-        done = {e["name"] for e in events if e["event"] in ("verdict", "replay_discarded")}
+        done = {e["name"] for e in events if e["event"] in ("verdict", "replay_discarded", "replay_skipped")}
         for event in events:
             if event["event"] == "replay_started" and event["name"] not in done:
                 self._log(event["name"], tags={"shadow.verdict": "lost: the driver died while it ran"})
@@ -250,12 +250,34 @@ class MlflowTracker(RunCallback):
 
     def _on_rollback(self, event: dict, now: int) -> None:
         first, end = event["discarded"]
-        self.discarded.append(f"[{first}, {end}) by {event['event']} at step {end}")
-        self._log(MAIN, metrics=[["shadow/rollback", float(end - first), now, event["old_step"]]],
-                  tags={"shadow.discarded": "; ".join(self.discarded)})
+        self._discard(event, [["shadow/rollback", float(end - first), now, event["old_step"]]])
         self.main_step = event["new_step"]
 
     _on_replay_adopted = _on_rollback
+
+    def _on_main_restarted(self, event: dict, now: int) -> None:
+        """The main trainer died and went on from its last checkpoint: like a rollback without a switch."""
+        self._discard(event, [["shadow/main_restarted", float(event.get("restart", 1)), now, event["step"]]])
+        self.main_step = event["step"]
+
+    def _discard(self, event: dict, metrics: list[list]) -> None:
+        first, end = event["discarded"]
+        self.discarded.append(f"[{first}, {end}) by {event['event']} at step {end}")
+        self._log(MAIN, metrics=metrics, tags={"shadow.discarded": "; ".join(self.discarded)})
+
+    def _on_replay_failed(self, event: dict, now: int) -> None:
+        if event["name"] in self.windows:
+            self._log(event["name"], tags={"shadow.failed_attempts": event.get("attempt", 0) + 1,
+                                           "shadow.last_error": event.get("error")})
+
+    def _on_replay_skipped(self, event: dict, now: int) -> None:
+        if event["name"] in self.windows:  # skipped after it started (it kept failing): close its run
+            self._log(event["name"], tags={"shadow.verdict": f"skipped: {event.get('reason')}"})
+            self._op("end_run", event["name"], status="FAILED", time_ms=now)
+
+    def _on_replay_triggered(self, event: dict, now: int) -> None:
+        self._log(MAIN, metrics=[["shadow/replay_triggered", 1.0, now, event["step"]]],
+                  tags={"shadow.last_trigger": event.get("reason")})
 
     def _on_policy_rejected(self, event: dict, now: int) -> None:
         self._log(MAIN, metrics=[["shadow/policy_rejected", 1.0, now, self.main_step]],

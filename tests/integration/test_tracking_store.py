@@ -162,3 +162,34 @@ def test_a_refused_op_is_reported_and_dropped_while_the_rest_goes_on(tmp_path, e
     child = TrackingState.load(tmp_path).runs[REPLAY["name"]]
     assert len(client.get_metric_history(child, "train/loss")) == 4
     tracker.on_finish({"phase": "finished", "final_step": 4})
+
+
+def test_failed_replays_and_main_restarts_are_recorded(tmp_path, emitted, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    tracker = MlflowTracker(tmp_path, experiment="t")
+    tracker.bind(_emit_into(emitted))
+    tracker.on_main_records(_rows(range(0, 6)))
+    tracker.on_event(REPLAY)
+    tracker.on_event({"event": "replay_failed", "name": REPLAY["name"], "attempt": 1, "retries": 1,
+                      "worker_died": True, "error": "RayActorError: the actor died"})
+    tracker.on_event({"event": "replay_skipped", "name": REPLAY["name"], "reason": "failed 2 time(s)"})
+    tracker.on_event({"event": "replay_skipped", "name": "002-verify-bf16-at-000000004",  # never started
+                      "reason": "cannot pin its checkpoint"})
+    tracker.on_event({"event": "main_restarted", "restart": 1, "limit": 3, "step": 4, "discarded": [4, 6],
+                      "error": "RayActorError"})
+    tracker.on_main_records(_rows(range(4, 8), offset=0.5))
+    tracker.on_finish({"phase": "finished", "final_step": 8})
+    assert not [e for e in emitted if e["event"] == "tracking_rejected"]
+
+    client = MlflowClient(embedded_uri(tmp_path))
+    state = TrackingState.load(tmp_path)
+    assert set(state.runs) == {"main", REPLAY["name"]}
+    child = client.get_run(state.runs[REPLAY["name"]])
+    assert child.info.status == "FAILED" and child.data.tags["shadow.verdict"] == "skipped: failed 2 time(s)"
+    assert child.data.tags["shadow.failed_attempts"] == "2"
+    parent = client.get_run(state.parent_run_id)
+    assert parent.data.tags["shadow.discarded"] == "[4, 6) by main_restarted at step 6"
+    assert [(m.step, m.value) for m in client.get_metric_history(parent.info.run_id, "shadow/main_restarted")] == [
+        (4, 1.0)]
+    lineage_steps = Counter(m.step for m in client.get_metric_history(parent.info.run_id, "train/loss"))
+    assert lineage_steps[4] == lineage_steps[5] == 2 and lineage_steps[7] == 1  # re-trained steps logged again
