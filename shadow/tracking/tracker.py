@@ -94,10 +94,10 @@ class MlflowTracker(RunCallback):
 
     def _log(self, run: str, *, metrics=(), params=None, tags=None) -> None:
         fields = {"metrics": list(metrics)} if metrics else {}
-        if params:
-            fields["params"] = params
+        if params:  # redacted: a URI with credentials in the job (a store, an endpoint) stays out of MLflow
+            fields["params"] = {k: redact(v) for k, v in params.items()}
         if tags:
-            fields["tags"] = {k: keys.tag_value(str(v)) for k, v in tags.items() if v is not None}
+            fields["tags"] = {k: keys.tag_value(redact(str(v))) for k, v in tags.items() if v is not None}
         if fields:
             self._op("log", run, **fields)
 
