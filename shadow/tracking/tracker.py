@@ -42,6 +42,7 @@ REPORT_PNG = "report.png"
 CLOSE_TIMEOUT_S = 30.0  # at the end of a run, how long to keep trying to send what is left
 EVENTS_UPLOAD_EVERY_S = 60.0  # events.jsonl is re-uploaded at commit points at most this often
 _RUN_STATUS = {"finished": "FINISHED", "failed": "FAILED", "interrupted": "KILLED"}
+_DISCARDING = ("rollback", "replay_adopted", "main_restarted")  # events whose `discarded` range was trained in vain
 
 
 def _never_fails(method):
@@ -105,16 +106,18 @@ class MlflowTracker(RunCallback):
         self._op("start_run", MAIN, name=self.run_dir.name, parent=None, time_ms=_now_ms(),
                  tags={"shadow.run_dir": str(self.run_dir.absolute()), "shadow.tracking_uri": self.uri_for_humans})
         if self.resumed:
-            self._end_lost_replays()
+            self._continue_after_resume()
             return
         job_path = self.run_dir / "job.yaml"
         if job_path.exists():
             self._log(MAIN, params=keys.flatten_params("job", yaml.safe_load(job_path.read_text()) or {}))
             self._op("artifact", MAIN, path="job.yaml", dir="")
 
-    def _end_lost_replays(self) -> None:
-        """Replays in flight when the driver died never report: close their runs instead of leaving them RUNNING."""
+    def _continue_after_resume(self) -> None:
+        """Take up the discarded ranges logged so far, and close the runs of the replays that were in flight
+        when the driver died (they never report) instead of leaving them RUNNING."""
         events = read_events(self.run_dir)
+        self.discarded = [_discarded_range(e) for e in events if e["event"] in _DISCARDING]
         done = {e["name"] for e in events if e["event"] in ("verdict", "replay_discarded", "replay_skipped")}
         for event in events:
             if event["event"] == "replay_started" and event["name"] not in done:
@@ -261,8 +264,7 @@ class MlflowTracker(RunCallback):
         self.main_step = event["step"]
 
     def _discard(self, event: dict, metrics: list[list]) -> None:
-        first, end = event["discarded"]
-        self.discarded.append(f"[{first}, {end}) by {event['event']} at step {end}")
+        self.discarded.append(_discarded_range(event))
         self._log(MAIN, metrics=metrics, tags={"shadow.discarded": "; ".join(self.discarded)})
 
     def _on_replay_failed(self, event: dict, now: int) -> None:
@@ -297,6 +299,11 @@ class MlflowTracker(RunCallback):
 
     def _on_tracking_restored(self, event: dict, now: int) -> None:
         self._log(MAIN, tags={"shadow.tracking": f"restored after {event.get('outage_s')} s, backfilled"})
+
+
+def _discarded_range(event: dict) -> str:
+    first, end = event["discarded"]
+    return f"[{first}, {end}) by {event['event']} at step {end}"
 
 
 def _numbers(summary: dict, prefix: str = "") -> dict[str, float]:
