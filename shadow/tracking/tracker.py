@@ -46,14 +46,16 @@ _DISCARDING = ("rollback", "replay_adopted", "main_restarted")  # events whose `
 
 
 def _never_fails(method):
-    """Tracking must never fail a run: an unexpected error in a callback is printed and skipped."""
+    """Tracking must never fail a run: an unexpected error in a callback is printed (in full the first
+    time, as one line after that) and skipped."""
     @functools.wraps(method)
     def guarded(self, *args):
         try:
             return method(self, *args)
-        except Exception:
-            print(f"tracking: {method.__name__} failed; the run goes on without it:\n{traceback.format_exc()}",
-                  file=sys.stderr)
+        except Exception as exc:
+            self.num_callback_errors += 1
+            detail = traceback.format_exc() if self.num_callback_errors == 1 else f"{type(exc).__name__}: {exc}"
+            print(f"tracking: {method.__name__} failed; the run goes on without it: {detail}", file=sys.stderr)
     return guarded
 
 
@@ -72,6 +74,7 @@ class MlflowTracker(RunCallback):
                                        **({"run_dir_id": stored.run_dir_id} if stored else {}))
             self.state.save(self.run_dir)
         self.resumed = resumed
+        self.num_callback_errors = 0
         self.spool = Spool(self.run_dir)
         self._reports: queue.SimpleQueue = queue.SimpleQueue()
         self._emit: Callable[..., dict] | None = None

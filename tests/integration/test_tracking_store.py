@@ -194,3 +194,17 @@ def test_failed_replays_and_main_restarts_are_recorded(tmp_path, emitted, monkey
         (4, 1.0)]
     lineage_steps = Counter(m.step for m in client.get_metric_history(parent.info.run_id, "train/loss"))
     assert lineage_steps[4] == lineage_steps[5] == 2 and lineage_steps[7] == 1  # re-trained steps logged again
+
+
+def test_a_malformed_event_costs_only_its_own_record(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(tracker_module, "CLOSE_TIMEOUT_S", 0.0)
+    tracker = MlflowTracker(tmp_path, experiment="t", tracking_uri=f"http://127.0.0.1:{free_port()}")
+    tracker.on_event({"event": "verdict", "name": "x"})  # no window: a bug upstream, not a reason to stop
+    tracker.on_event({"event": "rollback", "discarded": [0]})
+    tracker.on_main_records(_rows(range(0, 3)))
+    tracker.on_finish({"phase": "finished", "final_step": 3})
+    err = capsys.readouterr().err
+    assert "on_event failed; the run goes on without it: Traceback" in err
+    assert "on_event failed; the run goes on without it: ValueError" in err  # later ones in one line
+    steps = [m[3] for op in Spool(tmp_path).pending(100) for m in op.get("metrics", []) if m[0] == "train/loss"]
+    assert steps == [0, 1, 2]
