@@ -254,6 +254,9 @@ def compare_page_url(server_url: str, experiment_id: str, run_ids: list[str], me
 
 @pytest.mark.skipif(shutil.which("chromium") is None, reason="needs Debian's chromium (scripts/setup installs it)")
 def test_compare_view_overlays_a_replay_on_the_main_run_in_chromium(server, tracked_run, tmp_path):
+    """Chromium's own headless CLI (`--dump-dom` and `--screenshot` in one call, `--virtual-time-budget`
+    to let the single-page app fetch and draw) needs no driver: no selenium, no chromedriver whose
+    version must match, no Node; one subprocess, and the DOM to assert on."""
     client = MlflowClient(server.url)
     state = TrackingState.load(tracked_run)
     parent = client.get_run(state.parent_run_id)
