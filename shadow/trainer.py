@@ -21,6 +21,7 @@ import torch
 from shadow.config.job import JobConfig, OptimConfig, PrecisionMode
 from shadow.config.loader import to_dict
 from shadow.data import StepData
+from shadow.distributed import RankLayout, init_group, max_across_ranks, sum_across_ranks
 from shadow.model import Transformer
 from shadow.precision import build_backend
 from shadow.records import StepRecord
@@ -44,10 +45,13 @@ def job_hash(job: JobConfig) -> str:
     """Hash of every setting that shapes the trajectory, so a checkpoint of another job is refused.
 
     The precision mode is left out (replays run the same job in another precision), as are where
-    checkpoints go, evaluation cadence, resources, how `shadow run` drives the job and injected faults.
+    checkpoints go, evaluation cadence, how many ranks compute a step (not the micro-batch split), how
+    `shadow run` drives the job and injected faults.
     """
     config = to_dict(job)
     config["precision"].pop("mode")
+    # the micro-batch split shapes the numbers; how many ranks compute it does not
+    config["micro_batches"] = job.resources.num_ranks * job.resources.grad_accum
     for key in ("name", "checkpoint", "eval", "resources", "run", "faults"):
         config.pop(key)
     return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:16]
@@ -62,10 +66,12 @@ def resolve_device(name: str) -> torch.device:
 
 
 class Trainer:
-    def __init__(self, job: JobConfig):
+    def __init__(self, job: JobConfig, layout: RankLayout | None = None):
         self.job = job
+        self.layout = layout or RankLayout(micro_batches_per_rank=job.resources.grad_accum * job.resources.num_ranks)
         torch.set_num_threads(job.resources.cpus_per_rank)
         self.device = resolve_device(job.resources.device)
+        init_group(self.layout, self.device)
         self.backend = build_backend(job.precision, self.device)
         self.model = Transformer(job.model, self.backend).to(self.device)
         self.model.init_weights(job.seed)
@@ -99,13 +105,18 @@ class Trainer:
         lr = lr_at(self.job.optim, step, self.job.steps)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        inputs, targets = (t.to(self.device) for t in self.data.batch(step))
+        inputs, targets = self.data.batch(step)
         self.optimizer.zero_grad(set_to_none=True)
-        with self.backend.autocast():
-            loss = self.model.loss(inputs, targets)
-        if step == self.nan_loss_at_step:
-            loss = loss * float("nan")
-        loss.backward()
+        num_micro_batches = self.layout.num_micro_batches
+        loss_sum = torch.zeros((), device=self.device)
+        for micro_inputs, micro_targets in self.layout.my_micro_batches(inputs, targets):
+            with self.backend.autocast():
+                loss = self.model.loss(micro_inputs.to(self.device), micro_targets.to(self.device))
+            if step == self.nan_loss_at_step:
+                loss = loss * float("nan")
+            (loss / num_micro_batches).backward()
+            loss_sum += loss.detach().float() / num_micro_batches
+        sum_across_ranks([p.grad for p in self.model.parameters() if p.grad is not None] + [loss_sum])
         clip = self.job.optim.grad_clip if self.job.optim.grad_clip > 0 else float("inf")
         grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip))
         telemetry = {}
@@ -113,11 +124,11 @@ class Trainer:
             self.optimizer.step()
         else:
             telemetry["skipped_update"] = 1.0  # a non-finite gradient would destroy the weights
-        self.backend.end_step(self.model)
+        self.backend.end_step(self.model, reduce_amax=max_across_ranks if self.layout.world_size > 1 else None)
         self.step = step + 1
         return StepRecord(
             step=step,
-            loss=float(loss.detach()),
+            loss=float(loss_sum),
             precision=self.precision.value,
             tokens=inputs.numel(),
             step_time_s=time.perf_counter() - start,

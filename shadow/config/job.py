@@ -222,9 +222,14 @@ class EvalConfig:
 class ResourcesConfig:
     device: str = "auto"  # auto (cuda when present, else cpu), cpu or cuda
     cpus_per_rank: int = 1  # also torch's thread count: replays use the same so CPU GEMMs match
+    num_ranks: int = 1  # data-parallel ranks of the main job (Ray actors on one placement group)
+    grad_accum: int = 1  # micro-batches per main rank; a step's batch is cut into num_ranks x grad_accum
 
     def problems(self):
         found = []
+        for name in ("num_ranks", "grad_accum"):
+            if getattr(self, name) < 1:
+                found.append((name, getattr(self, name), "a positive integer"))
         if self.device not in ("auto", "cpu", "cuda"):
             found.append(("device", self.device, "'auto', 'cpu' or 'cuda'"))
         if self.cpus_per_rank < 1:
@@ -295,6 +300,10 @@ class JobConfig:
             found.append(("steps", self.steps, "a positive integer"))
         if self.batch_size < 1:
             found.append(("batch_size", self.batch_size, "a positive integer"))
+        micro = self.resources.num_ranks * self.resources.grad_accum
+        if micro >= 1 and self.batch_size % micro:
+            found.append(("batch_size", self.batch_size, f"a multiple of resources.num_ranks x resources.grad_accum "
+                          f"= {micro} (equal micro-batches)"))
         return found
 
 

@@ -1,9 +1,10 @@
-"""The roles the controller drives, as plain classes that Ray turns into actors.
+"""The roles the controller drives, as plain classes that Ray turns into actors (one per rank).
 
-`MainTrainer` is the main job's rank: it trains in chunks, commits checkpoints on the job's cadence
-and switches precision or restores state when told to. `ReplayWorker` re-trains one window from a
-committed checkpoint and returns its records. Large state moves through the checkpoint store, never
-through Ray's object store: only records and small results travel back.
+`MainTrainer` is a rank of the main job: it trains in chunks, commits checkpoints on the job's cadence
+(rank 0) and switches precision or restores state when told to. `ReplayWorker` is a rank of a replay
+group: it re-trains one window from a committed checkpoint and returns its records. Both are built
+empty and `setup(...)` joins them to their group (see `groups.py`). Large state moves through the
+checkpoint store, never through Ray's object store: only records and small results travel back.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from dataclasses import dataclass
 
 from shadow.checkpoint import AsyncPersister, CommitInfo, open_store
 from shadow.config.job import JobConfig
+from shadow.distributed import free_address, layout_for
 from shadow.loop import LoopSettings, run_steps
 from shadow.records import StepRecord
 from shadow.trainer import Trainer
@@ -31,6 +33,7 @@ class ReplayResult:
     eval_loss: float | None = None
     end_checkpoint: str | None = None  # URI of the saved end state, when asked for (adopt_replay)
     wall_s: float = 0.0
+    node_id: str = ""  # the Ray node rank 0 of the replay ran on
 
 
 @dataclass
@@ -47,21 +50,38 @@ class ReplayTask:
     attempt: int = 0  # 0 for the first try, then 1, 2, ... when the controller retries a failed replay
 
 
-class MainTrainer:
-    """The main job's rank. Checkpoints are persisted in the background (the loop blocks only for the
-    in-memory snapshot); their outcomes come back with the next chunk."""
+class _Rank:
+    """What every rank actor has: its place in the group, where it runs, and a rendezvous for rank 0."""
+
+    def address(self) -> str:
+        return free_address()
+
+    def node_id(self) -> str:
+        import ray
+
+        return ray.get_runtime_context().get_node_id()
+
+
+class MainTrainer(_Rank):
+    """One rank of the main job. Rank 0 persists checkpoints in the background (the loop blocks only for
+    the in-memory snapshot) and reports their outcomes with the next chunk; every rank holds the full
+    state, so any rank count restores any checkpoint."""
 
     def __init__(self, job: JobConfig, store_uri: str, run: str):
-        self.job = job
-        self.trainer = Trainer(job)
-        self.store = open_store(store_uri, run, keep_last=job.checkpoint.keep)
-        self.store.check()  # an unreachable store or a missing bucket fails before any training
-        self.persister = AsyncPersister(self.store)
+        self.job, self.store_uri, self.run = job, store_uri, run
 
-    def start(self, precision: str) -> CommitInfo:
+    def setup(self, num_micro_batches: int, world_size: int, rank: int, address: str) -> None:
+        self.trainer = Trainer(self.job, layout_for(num_micro_batches, world_size, rank, address))
+        self.leader = rank == 0
+        self.store = open_store(self.store_uri, self.run, keep_last=self.job.checkpoint.keep)
+        if self.leader:
+            self.store.check()  # an unreachable store or a missing bucket fails before any training
+        self.persister = AsyncPersister(self.store) if self.leader else None
+
+    def start(self, precision: str) -> CommitInfo | None:
         """A fresh job: commit its initial state (step 0), the first possible replay start."""
         self.trainer.set_precision(precision)
-        return self.store.save(self.trainer.snapshot())
+        return self.store.save(self.trainer.snapshot()) if self.leader else None
 
     def train(self, until_step: int, eval_after_steps: tuple[int, ...] = (), eval_batches: int = 0,
               lineage: int = 0) -> ChunkResult:
@@ -74,17 +94,20 @@ class MainTrainer:
         )
         faults = self.job.faults
         self.trainer.nan_loss_at_step = faults.nan_loss_at_step if lineage == 0 and faults.nan_loss_in == "main" else None
-        crash_before = faults.main_crash_at_step if lineage == 0 else -1
+        crash_before = faults.main_crash_at_step if lineage == 0 and self.leader else -1
         result = run_steps(self.trainer, settings, persister=self.persister,
                            on_record=lambda record: _crash_if(record.step + 1 == crash_before))
         for record in result.records:
             record.lineage = lineage
-        events = [e.to_event() for e in [*result.checkpoint_events, *self.persister.poll()]]
+        events = [e.to_event() for e in [*result.checkpoint_events, *self.flush(wait=False)]]
         return ChunkResult(self.trainer.step, result.records, events)
 
-    def flush(self) -> list[dict]:
-        """Wait for the checkpoint in flight; its outcome as event payloads."""
-        self.persister.wait()
+    def flush(self, wait: bool = True) -> list[dict]:
+        """Outcomes of checkpoint saves as event payloads (after waiting for the one in flight)."""
+        if self.persister is None:
+            return []
+        if wait:
+            self.persister.wait()
         return [e.to_event() for e in self.persister.poll()]
 
     def set_precision(self, precision: str) -> None:
@@ -92,7 +115,8 @@ class MainTrainer:
 
     def restore(self, store_uri: str, run: str, step: int, precision: str) -> int:
         """Continue from a committed checkpoint (a rollback target, or a replay's end state)."""
-        self.persister.wait()  # a save of the abandoned state must not land after the restore
+        if self.persister is not None:
+            self.persister.wait()  # a save of the abandoned state must not land after the restore
         store = self.store if run == self.store.run else open_store(store_uri, run)
         self.trainer.restore(store.load(step, expected_job_hash=self.trainer.job_hash))
         self.trainer.set_precision(precision)
@@ -101,42 +125,48 @@ class MainTrainer:
     def evaluate(self, num_batches: int) -> float:
         return self.trainer.evaluate(num_batches)
 
-    def commit_now(self) -> CommitInfo:
+    def commit_now(self) -> CommitInfo | None:
+        if not self.leader:
+            return None
         self.persister.wait()
         return self.store.save(self.trainer.snapshot())
 
 
-class ReplayWorker:
-    """Long-lived, reused for one replay after another (no actor start-up per window)."""
+class ReplayWorker(_Rank):
+    """One rank of a replay group; long-lived, reused for one window after another."""
 
     def __init__(self, job: JobConfig):
         self.job = job
+
+    def setup(self, num_micro_batches: int, world_size: int, rank: int, address: str) -> None:
+        self.layout = layout_for(num_micro_batches, world_size, rank, address)
 
     def run(self, task: ReplayTask) -> ReplayResult:
         import time
 
         started = time.perf_counter()
-        trainer = Trainer(self.job)  # fresh per window: nothing of an earlier replay can leak in
+        trainer = Trainer(self.job, self.layout)  # fresh per window: nothing of an earlier replay leaks in
         snapshot = open_store(task.store_uri, task.run).load(task.start_step, expected_job_hash=trainer.job_hash)
         trainer.restore(snapshot)
         trainer.set_precision(task.precision)
         until = task.start_step + task.num_steps
         faults = self.job.faults
         trainer.nan_loss_at_step = faults.nan_loss_at_step if faults.nan_loss_in == "replay" else None
+        leader = self.layout.rank == 0
 
         def inject(record: StepRecord) -> None:
-            _crash_if(record.step + 1 == faults.replay_crash_at_step and task.attempt == 0)
+            _crash_if(record.step + 1 == faults.replay_crash_at_step and task.attempt == 0 and leader)
             if record.step + 1 == faults.replay_error_at_step:
                 raise RuntimeError(f"injected replay error before step {faults.replay_error_at_step} (job faults)")
 
         settings = LoopSettings(until_step=until, eval_at_end=task.eval_batches > 0, eval_batches=task.eval_batches)
         records = run_steps(trainer, settings, on_record=inject).records
         end_checkpoint = None
-        if task.save_end_run is not None:
+        if task.save_end_run is not None and leader:
             end_store = open_store(task.store_uri, task.save_end_run)
             end_checkpoint = end_store.save(trainer.snapshot()).uri
         eval_loss = records[-1].eval_loss if records else None
-        return ReplayResult(records, eval_loss, end_checkpoint, time.perf_counter() - started)
+        return ReplayResult(records, eval_loss, end_checkpoint, time.perf_counter() - started, self.node_id())
 
 
 def _crash_if(condition: bool) -> None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import sys
 import time
-from dataclasses import dataclass, replace
+from dataclasses import replace
 
 import ray
 
@@ -21,8 +21,9 @@ from shadow.config.job import JobConfig
 from shadow.config.loader import to_yaml
 from shadow.config.policy import OnSwitch, Policy
 from shadow.config.policy_watch import PolicyWatcher
-from shadow.controller.actors import MainTrainer, ReplayResult, ReplayTask, ReplayWorker
 from shadow.controller.callbacks import RunCallback
+from shadow.controller.main_job import MainJob
+from shadow.controller.replays import Replay, ReplayPool
 from shadow.controller.resume import ResumePoint
 from shadow.controller.state import ALLOWED, Phase, RunState
 from shadow.controller.summary import build_summary
@@ -32,19 +33,6 @@ from shadow.records import StepRecord
 
 class ControllerError(RuntimeError):
     """The run cannot go on; the message says why."""
-
-
-@dataclass
-class _Replay:
-    name: str
-    request: ReplayRequest
-    worker: object
-    regime: int
-    lineage: int
-    save_end_run: str | None
-    pin: str  # pin reason holding the start checkpoint against retention while the replay runs
-    attempt: int = 0
-    result: ReplayResult | None = None
 
 
 class Controller:
@@ -69,11 +57,9 @@ class Controller:
         self.num_replays = resume.num_replays if resume else 0
         self.main_step = 0
         self.final_eval_loss: float | None = None
-        self.main = None
-        self.main_future = None
-        self.replays: dict[object, _Replay] = {}  # in-flight replay future -> replay
-        self.finished: list[_Replay] = []  # done, waiting for the main job to cover their window
-        self.idle_workers: list[object] = []
+        self.main = MainJob(job, store_uri, run)
+        self.pool = ReplayPool(job, store_uri, run)
+        self.finished: list[Replay] = []  # done, waiting for the main job to cover their window
         self.stop_requested: str | None = None
         self.policy_version = 1
         self.store = open_store(store_uri, run)  # for pins; the main trainer owns writing and retention
@@ -139,28 +125,26 @@ class Controller:
     def _final_checkpoint(self) -> None:
         """On SIGINT/SIGTERM: let the running chunk finish and commit the state it reached."""
         try:
-            if self.main_future is not None:
-                ready, _ = ray.wait([self.main_future], timeout=300)
-                if ready:
-                    self._on_chunk(ray.get(self.main_future))
-                self.main_future = None
-            self._on_checkpoint_events(ray.get(self.main.flush.remote()))
+            if self.main.chunk_running:
+                for ref in list(self.main.pending_refs):
+                    ray.wait([ref], timeout=300)
+                    result = self.main.collect(ref)
+                    if result is not None:
+                        self._on_chunk(result)
+            self._on_checkpoint_events(self.main.leader("flush"))
             if self.main_step not in self.committed:
-                commit = ray.get(self.main.commit_now.remote())
+                commit = self.main.leader("commit_now")
                 self._on_checkpoint_events([commit.to_event()])
         except Exception as exc:  # the main trainer is gone: the last committed checkpoint stands
             self.emit("final_checkpoint_failed", error=f"{type(exc).__name__}: {exc}",
                       last_committed=max(self.committed, default=None))
 
-    def _new_main(self):
-        resources = self.job.resources
-        actor = ray.remote(MainTrainer).options(num_cpus=resources.cpus_per_rank, num_gpus=self._main_gpus())
-        return actor.remote(self.job, self.store_uri, self.run_name)
-
     def _start_main(self) -> None:
-        self.main = self._new_main()
+        self._check_replay_layout()
+        nodes = self.main.start_group()
+        self.emit("main_started", ranks=len(nodes), nodes=nodes, generation=self.main.generation)
         if self.resume is None:
-            commit = ray.get(self.main.start.remote(self.state.precision))
+            commit = self.main.call("start", self.state.precision)
             self.main_step = commit.step
             self._on_checkpoint_events([commit.to_event()])
         else:
@@ -171,47 +155,51 @@ class Controller:
                         self._unpin(step, reason)
             for step, error in point.rejected:
                 self.emit("checkpoint_rejected", step=step, error=error)
-            self.main_step = ray.get(self.main.restore.remote(
-                self.store_uri, point.restore_run, point.restore_step, self.state.precision))
+            self.main_step = self.main.call("restore", self.store_uri, point.restore_run, point.restore_step,
+                                            self.state.precision)
             self.emit("resumed", step=self.main_step, from_run=point.restore_run, lineage=self.state.lineage,
                       steps_lost=point.steps_lost, state=self.state.to_dict())
 
-    def _main_gpus(self) -> float:
-        if self.job.resources.device == "cuda":
-            return 1
-        if self.job.resources.device == "auto":
-            return 1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0
-        return 0
+    def _check_replay_layout(self) -> None:
+        micro = self.job.resources.num_ranks * self.job.resources.grad_accum
+        replay_ranks = self.policy.verify.replay_resources.num_ranks
+        if micro % replay_ranks:
+            raise ControllerError(
+                f"verify.replay_resources.num_ranks={replay_ranks} cannot share the main job's {micro} micro-batches "
+                f"(resources.num_ranks x resources.grad_accum) evenly; use a divisor of {micro}")
 
     def _loop(self) -> None:
         self._schedule_replays()
         while True:
             if self.stop_requested:
                 raise KeyboardInterrupt
-            if self.main_future is None and self.main_step < self.job.steps:
+            if not self.main.chunk_running and self.main_step < self.job.steps:
                 if self.phase is Phase.DRAINING:
                     self._transition(Phase.TRAINING, f"main job rolled back to step {self.main_step}")
                 self._launch_chunk()
-            refs = ([self.main_future] if self.main_future is not None else []) + list(self.replays)
+            if not self.main.chunk_running:
+                if self.phase is Phase.TRAINING and self.pool.running:
+                    self._transition(Phase.DRAINING, f"main job done, {len(self.pool.running)} replay(s) still running")
+                for replay in self.pool.abandon_unstarted():
+                    self._give_up(replay, "the main job finished while it was still waiting for resources")
+            refs = self.main.pending_refs + self.pool.refs()
             if not refs:
                 return
-            if self.main_future is None and self.phase is Phase.TRAINING:
-                self._transition(Phase.DRAINING, f"main job done, {len(self.replays)} replay(s) still running")
             ready, _ = ray.wait(refs, num_returns=1, timeout=1.0)
             if not ready:
                 continue
             ref = ready[0]
-            if self.main_future is not None and ref == self.main_future:
-                self.main_future = None
+            if self.main.owns(ref):
                 try:
-                    result = ray.get(ref)
-                except ray.exceptions.RayActorError as exc:
+                    result = self.main.collect(ref)
+                except (ray.exceptions.RayActorError, ray.exceptions.RayTaskError) as exc:
                     self._restart_main(exc)
                 else:
-                    self._on_chunk(result)
+                    if result is not None:
+                        self._on_chunk(result)
             else:
                 self._on_replay_done(ref)
-            if self.main_future is None:
+            if not self.main.chunk_running:
                 self._decision_point()
             self._schedule_replays()
 
@@ -222,9 +210,9 @@ class Controller:
         next_checkpoint = (self.main_step // every + 1) * every
         until = min(until, next_checkpoint)  # a chunk ends at a checkpoint, so replays can start from it at once
         eval_batches = self.policy.verify.eval_batches
-        eval_after = tuple(r.request.start_step + r.request.num_steps for r in self.replays.values()
+        eval_after = tuple(r.request.start_step + r.request.num_steps for r in self.pool.running
                            if r.request.start_step + r.request.num_steps > self.main_step) if eval_batches else ()
-        self.main_future = self.main.train.remote(until, eval_after, eval_batches, self.state.lineage)
+        self.main.launch_chunk(until, eval_after, eval_batches, self.state.lineage)
 
     def _on_chunk(self, result) -> None:
         for record in result.records:
@@ -243,7 +231,7 @@ class Controller:
         if not bad:
             return
         window = self.policy.verify.window_steps
-        taken = [r.request for r in [*self.replays.values(), *self.finished]]
+        taken = [r.request for r in [*self.pool.running, *self.finished]]
         starts = [s for s in self.committed if s <= bad[0] < s + window]
         covered = any(r.start_step <= bad[0] < r.start_step + r.num_steps for r in taken)
         if starts and not covered and max(starts) + window <= self.job.steps:
@@ -292,11 +280,11 @@ class Controller:
         if restarts > limit:
             raise ControllerError(f"the main trainer died {restarts} times (run.max_main_restarts={limit}); "
                                   f"last error: {_first_line(error)}")
-        self.main = self._new_main()
+        nodes = self.main.start_group()
+        self.emit("main_started", ranks=len(nodes), nodes=nodes, generation=self.main.generation)
         for step in sorted(self.committed, reverse=True):
             try:
-                self.main_step = ray.get(self.main.restore.remote(self.store_uri, self.run_name, step,
-                                                                  self.state.precision))
+                self.main_step = self.main.call("restore", self.store_uri, self.run_name, step, self.state.precision)
                 break
             except ray.exceptions.RayTaskError as exc:  # a damaged checkpoint: fall back to the one before
                 self.emit("checkpoint_rejected", step=step, error=_first_line(exc))
@@ -313,15 +301,15 @@ class Controller:
         self._commit_point()
 
     def _finish_main(self) -> None:
-        self._on_checkpoint_events(ray.get(self.main.flush.remote()))
+        self._on_checkpoint_events(self.main.leader("flush"))
         if self.history and self.job.eval.batches:
-            self.final_eval_loss = ray.get(self.main.evaluate.remote(self.job.eval.batches))
+            self.final_eval_loss = self.main.leader("evaluate", self.job.eval.batches)
             self.emit("final_evaluation", step=self.main_step, eval_loss=self.final_eval_loss)
 
     # ----------------------------------------------------------------------------- replays
     def _schedule_replays(self) -> None:
         # finished replays still waiting for their verdict count as in flight: their window is taken
-        in_flight = [r.request for r in [*self.replays.values(), *self.finished]]
+        in_flight = [r.request for r in [*self.pool.running, *self.finished]]
         requests = due_replays(self.policy, self.policy_state, main_step=self.main_step,
                                committed_steps=self.committed, in_flight=in_flight, total_steps=self.job.steps,
                                given_up=self.given_up)
@@ -339,49 +327,25 @@ class Controller:
             self.emit("replay_skipped", name=name, **request.to_dict(), reason=f"cannot pin its checkpoint: {exc}")
             return
         adopt = self.policy.action.on_switch is OnSwitch.ADOPT_REPLAY and request.purpose is Purpose.VERIFY
-        save_end_run = f"{self.run_name}-replays/{name}" if adopt else None
-        self._start_task(name, request, pin, save_end_run, attempt=0)
-        self.emit("replay_started", name=name, **request.to_dict(), regime=self.state.regime)
+        replay = Replay(name, request, self.state.regime, self.state.lineage,
+                        f"{self.run_name}-replays/{name}" if adopt else None, pin)
+        self.emit("replay_started", name=name, **request.to_dict(), regime=self.state.regime,
+                  ranks=self.policy.verify.replay_resources.num_ranks)
+        self._start(replay)
 
-    def _start_task(self, name: str, request: ReplayRequest, pin: str, save_end_run: str | None, attempt: int) -> None:
-        worker = self.idle_workers.pop() if self.idle_workers else self._new_worker()
-        task = ReplayTask(request.start_step, request.num_steps, request.precision, self.store_uri, self.run_name,
-                          self.policy.verify.eval_batches, save_end_run, attempt)
-        future = worker.run.remote(task)
-        self.replays[future] = _Replay(name, request, worker, self.state.regime, self.state.lineage, save_end_run,
-                                       pin, attempt)
-
-    def _on_replay_failed(self, replay: _Replay, error: Exception) -> None:
-        """Retry on a healthy worker up to `verify.replay_retries`, then give the window up; the main
-        job never waits for it."""
-        worker_died = isinstance(error, ray.exceptions.RayActorError)
-        if not worker_died:
-            self.idle_workers.append(replay.worker)
-        retries = self.policy.verify.replay_retries
-        self.emit("replay_failed", name=replay.name, attempt=replay.attempt, retries=retries,
-                  worker_died=worker_died, error=_first_line(error))
-        stale = replay.regime != self.state.regime or replay.lineage != self.state.lineage
-        if replay.attempt < retries and not stale:
-            self._start_task(replay.name, replay.request, replay.pin, replay.save_end_run, replay.attempt + 1)
-            return
-        self._unpin(replay.request.start_step, replay.pin)
-        self.given_up.append(replay.request)
-        self.emit("replay_skipped", name=replay.name, **replay.request.to_dict(),
-                  reason="the main job moved on" if stale else f"failed {replay.attempt + 1} time(s)")
-
-    def _new_worker(self):
-        resources = self.policy.verify.replay_resources
-        actor = ray.remote(ReplayWorker).options(num_cpus=resources.num_cpus, num_gpus=resources.num_gpus)
-        return actor.remote(self.job)
+    def _start(self, replay: Replay) -> None:
+        if not self.pool.start(replay, self.policy):
+            resources = self.policy.verify.replay_resources
+            self.emit("replay_waiting_for_resources", name=replay.name, ranks=resources.num_ranks,
+                      cpus_per_rank=resources.num_cpus, gpus_per_rank=resources.num_gpus)
 
     def _on_replay_done(self, ref) -> None:
-        replay = self.replays.pop(ref)
-        try:
-            replay.result = ray.get(ref)
-        except (ray.exceptions.RayActorError, ray.exceptions.RayTaskError) as exc:
-            self._on_replay_failed(replay, exc)
+        replay, error = self.pool.collect(ref)
+        if replay is None:
+            return  # other ranks of this replay are still running
+        if error is not None:
+            self._on_replay_failed(replay, error)
             return
-        self.idle_workers.append(replay.worker)
         self._unpin(replay.request.start_step, replay.pin)
         records = replay.result.records
         precision = replay.request.precision
@@ -389,13 +353,31 @@ class Controller:
         for callback in self.callbacks:
             callback.on_replay_finished(replay.name, records)
         self.emit("replay_finished", name=replay.name, precision=precision, steps=len(records),
-                  wall_s=round(replay.result.wall_s, 3),
-                  eval_loss=replay.result.eval_loss)
+                  wall_s=round(replay.result.wall_s, 3), eval_loss=replay.result.eval_loss,
+                  node=replay.result.node_id)
         if replay.regime != self.state.regime or replay.lineage != self.state.lineage:
             self.emit("replay_discarded", name=replay.name,
                       reason="started before the main job's last switch; its window no longer describes the run")
             return
         self.finished.append(replay)
+
+    def _on_replay_failed(self, replay: Replay, error: Exception) -> None:
+        """Retry on a healthy group up to `verify.replay_retries`, then give the window up; the main
+        job never waits for it."""
+        retries = self.policy.verify.replay_retries
+        self.emit("replay_failed", name=replay.name, attempt=replay.attempt, retries=retries,
+                  worker_died=isinstance(error, ray.exceptions.RayActorError), error=_first_line(error))
+        stale = replay.regime != self.state.regime or replay.lineage != self.state.lineage
+        if replay.attempt < retries and not stale:
+            replay.attempt += 1
+            self._start(replay)
+            return
+        self._give_up(replay, "the main job moved on" if stale else f"failed {replay.attempt + 1} time(s)")
+
+    def _give_up(self, replay: Replay, reason: str) -> None:
+        self._unpin(replay.request.start_step, replay.pin)
+        self.given_up.append(replay.request)
+        self.emit("replay_skipped", name=replay.name, **replay.request.to_dict(), reason=reason)
 
     # ----------------------------------------------------------------------------- decisions
     def _decision_point(self) -> None:
@@ -418,7 +400,7 @@ class Controller:
                 continue
             self._judge(replay)
 
-    def _judge(self, replay: _Replay) -> None:
+    def _judge(self, replay: Replay) -> None:
         window = range(replay.request.start_step, replay.request.start_step + replay.request.num_steps)
         main_rows = [self.history[s] for s in window if s in self.history]
         main_eval = main_rows[-1].eval_loss if main_rows and main_rows[-1].step == window[-1] else None
@@ -464,7 +446,7 @@ class Controller:
         except CheckpointError as exc:
             self.emit("unpin_failed", step=step, reason=reason, error=str(exc))
 
-    def _apply(self, decision: Decision, replay: _Replay) -> None:
+    def _apply(self, decision: Decision, replay: Replay) -> None:
         if decision.kind is DecisionKind.SWITCH_TO_BF16:
             on_switch = OnSwitch(decision.payload.get("on_switch", OnSwitch.BF16.value))
             if on_switch is OnSwitch.ROLLBACK:
@@ -484,12 +466,14 @@ class Controller:
         old = self.state.precision
         self.state = replace(self.state, precision=precision, regime=self.state.regime + 1,
                              num_switches=self.state.num_switches + (precision != old))
-        ray.get(self.main.set_precision.remote(precision))
+        self.main.call("set_precision", precision)
         self.emit("precision_switched", old=old, new=precision, step=self.main_step, reason=decision.reason,
                   state=self.state.to_dict())
 
     def _restart_lineage(self, *, step: int, run: str, kind: str, decision: Decision, keep_committed_upto: int) -> None:
         """Continue the main job in BF16 from a committed checkpoint; later rows become discarded history."""
+        # a save still in flight belongs to the old branch: take its outcome under the old lineage first
+        self._on_checkpoint_events(self.main.leader("flush"))
         old_step, old_precision = self.main_step, self.state.precision
         self.state = replace(self.state, precision="bf16", regime=self.state.regime + 1,
                              lineage=self.state.lineage + 1, restore_step=step, restore_run=run,
@@ -500,7 +484,7 @@ class Controller:
             self.emit("precision_switched", old=old_precision, new="bf16", step=step, reason=decision.reason,
                       state=self.state.to_dict())
         self._commit_point()
-        self.main_step = ray.get(self.main.restore.remote(self.store_uri, run, step, "bf16"))
+        self.main_step = self.main.call("restore", self.store_uri, run, step, "bf16")
         for s in [s for s in self.history if s >= keep_committed_upto]:
             del self.history[s]
         abandoned = sorted(s for s in self.committed if s > keep_committed_upto)
@@ -513,7 +497,7 @@ class Controller:
                 continue
             self.emit("checkpoint_deleted", step=s, uri=self.store.step_uri(s), reason=f"abandoned by {kind}")
 
-    def _adopt(self, replay: _Replay, decision: Decision) -> None:
+    def _adopt(self, replay: Replay, decision: Decision) -> None:
         start = replay.request.start_step
         self._restart_lineage(step=start + replay.request.num_steps, run=replay.save_end_run, kind="replay_adopted",
                               decision=decision, keep_committed_upto=start)
