@@ -490,6 +490,8 @@ class Controller:
 
     def _restart_lineage(self, *, step: int, run: str, kind: str, decision: Decision, keep_committed_upto: int) -> None:
         """Continue the main job in BF16 from a committed checkpoint; later rows become discarded history."""
+        # a save still in flight belongs to the old branch: take its outcome under the old lineage first
+        self._on_checkpoint_events(ray.get(self.main.flush.remote()))
         old_step, old_precision = self.main_step, self.state.precision
         self.state = replace(self.state, precision="bf16", regime=self.state.regime + 1,
                              lineage=self.state.lineage + 1, restore_step=step, restore_run=run,
