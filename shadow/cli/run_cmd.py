@@ -131,10 +131,12 @@ def _in_cluster() -> bool:
 
 
 def _local_cpus(job, policy) -> int:
-    """Logical CPUs for a local Ray: the main rank plus every concurrent replay, even on a small machine."""
+    """Logical CPUs for a local Ray: every main rank plus every concurrent replay's ranks, even when the
+    machine has fewer cores (the ranks then share them; each still runs its fixed thread count)."""
     import math
     import os
 
-    needed = job.resources.cpus_per_rank + policy.verify.max_concurrent_replays * math.ceil(
-        policy.verify.replay_resources.num_cpus)
+    replay = policy.verify.replay_resources
+    needed = job.resources.num_ranks * job.resources.cpus_per_rank + policy.verify.max_concurrent_replays * (
+        replay.num_ranks * math.ceil(replay.num_cpus))
     return max(needed, os.cpu_count() or 1)

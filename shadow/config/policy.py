@@ -55,11 +55,14 @@ class Mode(str, Enum):
 class ReplayResourcesConfig:
     """Ray resources of one replay worker (one replay rank)."""
 
+    num_ranks: int = 1  # ranks of a replay; must divide the main job's micro-batches (num_ranks x grad_accum)
     num_cpus: float = 1.0  # CPUs per replay rank; on CPU this is also its thread count, keep it equal to the main job's
     num_gpus: float = 0.0  # GPUs per replay rank (fractions share a GPU)
 
     def problems(self):
         found = []
+        if self.num_ranks < 1:
+            found.append(("num_ranks", self.num_ranks, "a positive integer"))
         for name in ("num_cpus", "num_gpus"):
             value = getattr(self, name)
             if not (math.isfinite(value) and value >= 0):

@@ -65,7 +65,7 @@ class Controller:
         self.store = open_store(store_uri, run)  # for pins; the main trainer owns writing and retention
         self.rollback_pin: int | None = None
         self.checkpoint_failures_in_row = 0
-        self.given_up: list[ReplayRequest] = []  # windows whose replay failed for good
+        self.settled: list[ReplayRequest] = []  # windows of this regime already replayed or given up
         self.started = time.perf_counter()
 
     # ----------------------------------------------------------------------------- events
@@ -107,6 +107,7 @@ class Controller:
         except Exception as exc:
             failure = exc
             self._safely(lambda: self._transition(Phase.FAILED, f"{type(exc).__name__}: {exc}"))
+        self._safely(self._release)
         summary = self._summary()
         self._safely(lambda: self.emit("run_finished", phase=self.phase.value, final_step=summary["final_step"]))
         for callback in self.callbacks:
@@ -114,6 +115,11 @@ class Controller:
         if failure is not None:
             raise failure
         return summary
+
+    def _release(self) -> None:
+        """Give every actor and placement group back to the cluster (a shared cluster outlives the run)."""
+        self.main.shutdown()
+        self.pool.shutdown()
 
     def _safely(self, action) -> None:
         """At the end of a failed run, writing the record may fail too (a full disk): report, go on."""
@@ -180,12 +186,13 @@ class Controller:
             if not self.main.chunk_running:
                 if self.phase is Phase.TRAINING and self.pool.running:
                     self._transition(Phase.DRAINING, f"main job done, {len(self.pool.running)} replay(s) still running")
-                for replay in self.pool.abandon_unstarted():
+                for replay in self.pool.abandon_unstarted(grace_s=15.0):
                     self._give_up(replay, "the main job finished while it was still waiting for resources")
             refs = self.main.pending_refs + self.pool.refs()
             if not refs:
                 return
             ready, _ = ray.wait(refs, num_returns=1, timeout=1.0)
+            self._report_waiting()
             if not ready:
                 continue
             ref = ready[0]
@@ -312,7 +319,7 @@ class Controller:
         in_flight = [r.request for r in [*self.pool.running, *self.finished]]
         requests = due_replays(self.policy, self.policy_state, main_step=self.main_step,
                                committed_steps=self.committed, in_flight=in_flight, total_steps=self.job.steps,
-                               given_up=self.given_up)
+                               settled=self.settled)
         for request in requests:
             self._launch_replay(request)
 
@@ -334,7 +341,11 @@ class Controller:
         self._start(replay)
 
     def _start(self, replay: Replay) -> None:
-        if not self.pool.start(replay, self.policy):
+        self.pool.start(replay, self.policy)
+
+    def _report_waiting(self) -> None:
+        """Replays whose resources have not come after a while: said once each, never waited for."""
+        for replay in self.pool.waiting_for_resources(after_s=2.0):
             resources = self.policy.verify.replay_resources
             self.emit("replay_waiting_for_resources", name=replay.name, ranks=resources.num_ranks,
                       cpus_per_rank=resources.num_cpus, gpus_per_rank=resources.num_gpus)
@@ -376,7 +387,7 @@ class Controller:
 
     def _give_up(self, replay: Replay, reason: str) -> None:
         self._unpin(replay.request.start_step, replay.pin)
-        self.given_up.append(replay.request)
+        self.settled.append(replay.request)
         self.emit("replay_skipped", name=replay.name, **replay.request.to_dict(), reason=reason)
 
     # ----------------------------------------------------------------------------- decisions
@@ -401,6 +412,7 @@ class Controller:
             self._judge(replay)
 
     def _judge(self, replay: Replay) -> None:
+        self.settled.append(replay.request)
         window = range(replay.request.start_step, replay.request.start_step + replay.request.num_steps)
         main_rows = [self.history[s] for s in window if s in self.history]
         main_eval = main_rows[-1].eval_loss if main_rows and main_rows[-1].step == window[-1] else None
@@ -466,6 +478,7 @@ class Controller:
         old = self.state.precision
         self.state = replace(self.state, precision=precision, regime=self.state.regime + 1,
                              num_switches=self.state.num_switches + (precision != old))
+        self.settled = []
         self.main.call("set_precision", precision)
         self.emit("precision_switched", old=old, new=precision, step=self.main_step, reason=decision.reason,
                   state=self.state.to_dict())
@@ -478,6 +491,7 @@ class Controller:
         self.state = replace(self.state, precision="bf16", regime=self.state.regime + 1,
                              lineage=self.state.lineage + 1, restore_step=step, restore_run=run,
                              num_switches=self.state.num_switches + (old_precision != "bf16"))
+        self.settled = []
         self.emit(kind, old_step=old_step, new_step=step, discarded=[min(step, keep_committed_upto), old_step],
                   reason=decision.reason, state=self.state.to_dict())
         if old_precision != "bf16":

@@ -45,6 +45,11 @@ class MainJob:
         ray.get(self.group.setup())
         return ray.get(self.group.call("node_id"))
 
+    def shutdown(self) -> None:
+        if self.group is not None:
+            self.group.kill()
+            self.group = None
+
     def call(self, method: str, *args):
         """Run `method` on every rank and wait; rank 0's result."""
         return ray.get(self.group.call(method, *args))[0]

@@ -8,6 +8,7 @@ global batch. A group that cannot get its resources waits (reported) and never b
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 
 import ray
@@ -32,6 +33,8 @@ class Replay:
     refs: list = field(default_factory=list)
     pending: list = field(default_factory=list)
     result: ReplayResult | None = None
+    started_at: float = 0.0
+    reported_waiting: bool = False
 
 
 class ReplayPool:
@@ -57,15 +60,24 @@ class ReplayPool:
         group.setup()  # queued before the first run on every rank; not waited for
         return group
 
-    def start(self, replay: Replay, policy: Policy) -> bool:
-        """Start (or retry) a replay; False when its group is still waiting for resources."""
+    def start(self, replay: Replay, policy: Policy) -> None:
+        """Start (or retry) a replay on an idle group of the right size, or a new one."""
         replay.group = self._group(policy)
+        replay.started_at = time.monotonic()
         task = ReplayTask(replay.request.start_step, replay.request.num_steps, replay.request.precision,
                           self.store_uri, self.run, policy.verify.eval_batches, replay.save_end_run, replay.attempt)
         replay.refs = replay.group.call("run", task)
         replay.pending = list(replay.refs)
         self.running.append(replay)
-        return replay.group.has_resources()
+
+    def waiting_for_resources(self, after_s: float) -> list[Replay]:
+        """Replays started over `after_s` ago whose group still has no resources, not reported before."""
+        now = time.monotonic()
+        waiting = [r for r in self.running if not r.reported_waiting and now - r.started_at > after_s
+                   and not r.group.has_resources()]
+        for replay in waiting:
+            replay.reported_waiting = True
+        return waiting
 
     def refs(self) -> list:
         return [ref for replay in self.running for ref in replay.pending]
@@ -99,10 +111,17 @@ class ReplayPool:
         else:
             replay.group.kill()  # a group with a dead rank cannot run collectives again
 
-    def abandon_unstarted(self) -> list[Replay]:
-        """Replays whose group never got its resources (at the end of a run): removed and returned."""
-        stuck = [r for r in self.running if not r.group.has_resources()]
+    def abandon_unstarted(self, grace_s: float) -> list[Replay]:
+        """Replays started over `grace_s` ago whose group still has no resources: removed and returned
+        (the end of a run waits that long for resources that may be on their way, not longer)."""
+        now = time.monotonic()
+        stuck = [r for r in self.running if now - r.started_at > grace_s and not r.group.has_resources()]
         for replay in stuck:
             self.running.remove(replay)
             replay.group.kill()
         return stuck
+
+    def shutdown(self) -> None:
+        for group in [*self.idle_groups, *(r.group for r in self.running)]:
+            group.kill()
+        self.idle_groups, self.running = [], []

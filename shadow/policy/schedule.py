@@ -26,14 +26,14 @@ def due_replays(
     committed_steps: Collection[int],
     in_flight: Sequence[ReplayRequest],
     total_steps: int | None = None,
-    given_up: Sequence[ReplayRequest] = (),
+    settled: Sequence[ReplayRequest] = (),
 ) -> list[ReplayRequest]:
     """Replays to start now, noise windows first, at most `max_concurrent_replays - len(in_flight)`.
 
     `committed_steps`: checkpoints on the main job's current lineage (after a rollback, not the
-    abandoned ones). `total_steps`: the job's last step, so no window reaches past it. `given_up`:
-    windows whose replay failed for good; like windows in flight they are not scheduled again, but
-    they take no concurrency slot.
+    abandoned ones). `total_steps`: the job's last step, so no window reaches past it. `settled`:
+    windows of this regime already replayed (judged, noted or discarded) or given up; like windows in
+    flight they are never scheduled again, but they take no concurrency slot.
     """
     free = policy.verify.max_concurrent_replays - len(in_flight)
     if free <= 0 or state.machine is Machine.BF16_FOREVER:
@@ -44,7 +44,7 @@ def due_replays(
         if state.since_step <= s <= main_step and (total_steps is None or s + num_steps <= total_steps)
     )
     main_precision = "bf16" if state.machine is Machine.BF16_FALLBACK else "fp8"
-    requests = _noise_requests(policy, state, usable, in_flight, given_up, main_precision)[:free]
+    requests = _noise_requests(policy, state, usable, in_flight, settled, main_precision)[:free]
     free -= len(requests)
 
     if state.machine is Machine.BF16_FALLBACK:
@@ -53,7 +53,7 @@ def due_replays(
     else:
         purpose, precision = Purpose.VERIFY, policy.verify.replay_precision.value
         earliest = state.since_step
-    taken = [*in_flight, *given_up]
+    taken = [*in_flight, *settled]
     high_water = max([state.last_window_start] + [r.start_step for r in taken if r.purpose is purpose])
     every = policy.verify.every_n_steps
     first_in_span: dict[int, int] = {}
@@ -66,13 +66,13 @@ def due_replays(
 
 
 def _noise_requests(policy: Policy, state: PolicyState, usable: list[int], in_flight: Sequence[ReplayRequest],
-                    given_up: Sequence[ReplayRequest], precision: str) -> list[ReplayRequest]:
+                    settled: Sequence[ReplayRequest], precision: str) -> list[ReplayRequest]:
     """Noise windows still needed, from the newest checkpoints not yet used for one."""
     if not policy.noise.enabled or state.noise_floor is not None:
         return []
     noise_in_flight = [r.start_step for r in in_flight if r.purpose is Purpose.NOISE]
     needed = policy.noise.num_windows - len(state.noise_values) - len(noise_in_flight)
     high_water = max([state.last_noise_start] + noise_in_flight
-                     + [r.start_step for r in given_up if r.purpose is Purpose.NOISE])
+                     + [r.start_step for r in settled if r.purpose is Purpose.NOISE])
     starts = [s for s in usable if s > high_water][-needed:] if needed > 0 else []
     return [ReplayRequest(s, policy.verify.window_steps, precision, Purpose.NOISE) for s in starts]
