@@ -58,9 +58,10 @@ def ray_head(tmp_path_factory):
     yield address, token
     os.killpg(head.pid, signal.SIGTERM)
     try:
-        head.wait(timeout=30)
+        head.wait(timeout=5)
     except subprocess.TimeoutExpired:
         os.killpg(head.pid, signal.SIGKILL)
+        head.wait()
     log.close()
 
 

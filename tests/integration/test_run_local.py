@@ -47,7 +47,7 @@ def test_healthy_tiny_job_verifies_and_never_switches(tmp_path):
 
 @pytest.mark.slow
 def test_degraded_job_switches_at_first_failing_verification_and_ends_near_bf16(tmp_path):
-    steps = ["--set", "steps=150"]  # the full 300-step figures are in the issue note
+    steps = ["--set", "steps=80"]  # the full 300-step figures are in the issue note
     job = str(REPO / "jobs/tiny_noscale.yaml")
     code, out, summary, events = _run(tmp_path, "guarded", "--job", job, *steps)
     assert code == 0
