@@ -10,8 +10,17 @@ from dataclasses import asdict, dataclass
 from typing import ClassVar
 
 
+class _Event:
+    """The `events.jsonl` line of a report: its kind and its fields."""
+
+    kind: ClassVar[str]
+
+    def to_event(self) -> dict:
+        return {"event": self.kind, **asdict(self)}
+
+
 @dataclass(frozen=True)
-class CommitInfo:
+class CommitInfo(_Event):
     """A checkpoint whose manifest has been written: readers can load it from now on."""
 
     kind: ClassVar[str] = "checkpoint_committed"
@@ -20,12 +29,9 @@ class CommitInfo:
     num_bytes: int
     seconds: float  # encoding, hashing and writing (on the persister's thread when async)
 
-    def to_event(self) -> dict:
-        return {"event": self.kind, **asdict(self)}
-
 
 @dataclass(frozen=True)
-class CheckpointFailed:
+class CheckpointFailed(_Event):
     """A save (stage "save") or a retention pass after it (stage "retention") that did not complete."""
 
     kind: ClassVar[str] = "checkpoint_failed"
@@ -34,21 +40,15 @@ class CheckpointFailed:
     error: str
     stage: str = "save"
 
-    def to_event(self) -> dict:
-        return {"event": self.kind, **asdict(self)}
-
 
 @dataclass(frozen=True)
-class CheckpointDeleted:
+class CheckpointDeleted(_Event):
     """A checkpoint removed by retention (`keep_last`)."""
 
     kind: ClassVar[str] = "checkpoint_deleted"
     step: int
     uri: str
     reason: str
-
-    def to_event(self) -> dict:
-        return {"event": self.kind, **asdict(self)}
 
 
 CheckpointEvent = CommitInfo | CheckpointFailed | CheckpointDeleted
