@@ -1,5 +1,5 @@
 """A real S3-protocol server for tests (moto's server mode on 127.0.0.1, one per test module), the
-fixtures that point boto3's standard environment at it, and a relay that fails in mid-upload.
+fixtures that point boto3's standard environment at it (a relay that cuts the network: `tcp_relay.py`).
 
 Test modules import the fixtures they use: `from s3_fixtures import s3_env, s3_root, s3_server`.
 """
@@ -9,7 +9,6 @@ from __future__ import annotations
 import socket
 import subprocess
 import sys
-import threading
 import time
 import urllib.request
 import uuid
@@ -22,7 +21,6 @@ BUCKET = "shadow-test"
 ACCESS_KEY = "AKIATESTSHADOW000000"
 SECRET_KEY = "test-secret-not-real"
 
-
 @pytest.fixture(scope="module")
 def s3_server():
     moto = MotoServer()
@@ -31,7 +29,6 @@ def s3_server():
         yield moto
     finally:
         moto.stop()
-
 
 @pytest.fixture
 def s3_env(s3_server, monkeypatch):
@@ -44,28 +41,23 @@ def s3_env(s3_server, monkeypatch):
         monkeypatch.delenv(name, raising=False)
     return s3_server
 
-
 @pytest.fixture
 def s3_root(s3_env):
     """A fresh prefix in the test bucket."""
     return f"s3://{BUCKET}/t-{uuid.uuid4().hex[:8]}"
-
 
 def s3_client(url):
     """A client of its own, for tampering with objects behind the store's back."""
     return boto3.client("s3", endpoint_url=url, aws_access_key_id=ACCESS_KEY, aws_secret_access_key=SECRET_KEY,
                         region_name="us-east-1")
 
-
 def object_key(root, step, name, run="run"):
     return f"{root[len(f's3://{BUCKET}/'):]}/{run}/step-{step:09d}/{name}"
-
 
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
 
 class MotoServer:
     def __init__(self):
@@ -100,62 +92,3 @@ class MotoServer:
             self.process.kill()
             self.process.wait()
 
-
-class CuttingProxy:
-    """A TCP relay to `port` that, once `armed` with a byte budget, drops every connection and stops
-    accepting new ones when the client has sent that many bytes: a network dying in mid-upload."""
-
-    def __init__(self, port: int):
-        self.target = port
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.port = self.listener.getsockname()[1]
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.budget = float("inf")
-        self.cut = threading.Event()
-        self._lock = threading.Lock()
-        self._sockets: list[socket.socket] = []
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def arm(self, budget_bytes: int) -> None:
-        self.budget = budget_bytes
-
-    def close(self) -> None:
-        with self._lock:
-            self.cut.set()
-            for s in [self.listener, *self._sockets]:
-                try:
-                    s.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
-                s.close()
-
-    def _accept(self) -> None:
-        while not self.cut.is_set():
-            try:
-                client, _ = self.listener.accept()
-            except OSError:
-                return
-            upstream = socket.create_connection(("127.0.0.1", self.target))
-            with self._lock:
-                self._sockets += [client, upstream]
-            threading.Thread(target=self._pump, args=(client, upstream, True), daemon=True).start()
-            threading.Thread(target=self._pump, args=(upstream, client, False), daemon=True).start()
-
-    def _pump(self, source: socket.socket, sink: socket.socket, counted: bool) -> None:
-        try:
-            while data := source.recv(65536):
-                if counted:
-                    with self._lock:
-                        self.budget -= len(data)
-                        exhausted = self.budget < 0
-                    if exhausted:
-                        self.close()
-                        return
-                sink.sendall(data)
-        except OSError:
-            pass
-        for s in (source, sink):
-            try:
-                s.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass

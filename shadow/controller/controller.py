@@ -106,7 +106,7 @@ class Controller:
             self._transition(Phase.INTERRUPTED, self.stop_requested or "interrupted")
         except Exception as exc:
             failure = exc
-            self._safely(lambda: self._transition(Phase.FAILED, f"{type(exc).__name__}: {exc}"))
+            self._safely(lambda: self._transition(Phase.FAILED, f"{type(failure).__name__}: {failure}"))
         self._safely(self._release)
         summary = self._summary()
         self._safely(lambda: self.emit("run_finished", phase=self.phase.value, final_step=summary["final_step"]))

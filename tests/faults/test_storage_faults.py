@@ -8,7 +8,6 @@ its objects. The Ray workers read the standard AWS environment, so it is set bef
 import json
 import os
 import secrets
-import socket
 import threading
 import time
 import uuid
@@ -17,6 +16,7 @@ import pytest
 import ray
 from conftest import FAST, REPO
 from s3_fixtures import BUCKET, MotoServer, s3_client
+from tcp_relay import TcpRelay
 
 from shadow.checkpoint import open_store
 from shadow.cli import main
@@ -28,71 +28,12 @@ TINY = str(REPO / "jobs/tiny.yaml")
 SECRET = f"planted-secret-{secrets.token_hex(8)}"
 
 
-class SwitchableRelay:
-    """A TCP relay to a server that can be taken down (listener closed, connections cut) and up again."""
-
-    def __init__(self, target_port: int):
-        self.target = target_port
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            self.port = probe.getsockname()[1]
-        self.url = f"http://127.0.0.1:{self.port}"
-        self._sockets: list[socket.socket] = []
-        self._lock = threading.Lock()
-        self.listener = None
-        self.up()
-
-    def up(self) -> None:
-        if self.listener is not None:
-            return
-        self.listener = socket.create_server(("127.0.0.1", self.port))
-        threading.Thread(target=self._accept, args=(self.listener,), daemon=True).start()
-
-    def down(self) -> None:
-        with self._lock:
-            if self.listener is None:
-                return
-            for s in [self.listener, *self._sockets]:
-                try:
-                    s.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
-                s.close()
-            self._sockets = []
-            self.listener = None
-
-    def _accept(self, listener) -> None:
-        while True:
-            try:
-                client, _ = listener.accept()
-            except OSError:
-                return
-            upstream = socket.create_connection(("127.0.0.1", self.target))
-            with self._lock:
-                self._sockets += [client, upstream]
-            for source, sink in ((client, upstream), (upstream, client)):
-                threading.Thread(target=self._pump, args=(source, sink), daemon=True).start()
-
-    @staticmethod
-    def _pump(source, sink) -> None:
-        try:
-            while data := source.recv(65536):
-                sink.sendall(data)
-        except OSError:
-            pass
-        for s in (source, sink):
-            try:
-                s.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-
-
 @pytest.fixture(scope="module")
 def s3_relay():
     """moto behind a switchable relay, the AWS environment pointing at the relay, then a local Ray."""
     moto = MotoServer()
     s3_client(moto.url).create_bucket(Bucket=BUCKET)
-    relay = SwitchableRelay(moto.port)
+    relay = TcpRelay(moto.port)
     saved = dict(os.environ)
     os.environ.update({"AWS_ENDPOINT_URL": relay.url, "AWS_ACCESS_KEY_ID": "AKIATESTSHADOW000000",
                        "AWS_SECRET_ACCESS_KEY": SECRET, "AWS_DEFAULT_REGION": "us-east-1",

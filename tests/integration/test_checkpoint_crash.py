@@ -7,7 +7,8 @@ import sys
 
 import pytest
 import torch
-from s3_fixtures import CuttingProxy, s3_env, s3_root, s3_server
+from s3_fixtures import s3_env, s3_root, s3_server
+from tcp_relay import TcpRelay
 
 from shadow.checkpoint import CheckpointError, StorageError, open_store
 from shadow.checkpoint.s3 import S3Options
@@ -67,7 +68,7 @@ def test_killed_writer_leaves_previous_checkpoint_latest(kind, request, tmp_path
 
 
 def test_network_dying_mid_upload_leaves_previous_checkpoint_latest(s3_env, s3_root, monkeypatch):
-    proxy = CuttingProxy(s3_env.port)
+    proxy = TcpRelay(s3_env.port)
     monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.url)
     options = S3Options(max_attempts=2, connect_timeout_s=0.5, read_timeout_s=5,
                         multipart_threshold_bytes=5 * 2**20, multipart_chunk_bytes=5 * 2**20)
@@ -84,6 +85,6 @@ def test_network_dying_mid_upload_leaves_previous_checkpoint_latest(s3_env, s3_r
             store.save(snapshot(20))
         assert proxy.cut.is_set()
     finally:
-        proxy.close()
+        proxy.down()
     monkeypatch.setenv("AWS_ENDPOINT_URL", s3_env.url)  # a reader with a working network
     _assert_only_previous_is_readable(open_store(s3_root, "run"), leftover="model.safetensors")
