@@ -27,7 +27,9 @@ from shadow.controller.replays import Replay, ReplayPool
 from shadow.controller.resume import ResumePoint
 from shadow.controller.state import ALLOWED, Phase, RunState
 from shadow.controller.summary import build_summary
-from shadow.policy import Decision, DecisionKind, PolicyState, Purpose, ReplayRequest, decide, due_replays
+from shadow.policy import (Decision, DecisionKind, Machine, PolicyState, Purpose, ReplayRequest, decide,
+                           due_replays)
+from shadow.policy.triggers import Firing, TriggerState, watch
 from shadow.records import StepRecord
 
 
@@ -55,6 +57,9 @@ class Controller:
         self.verdict_rows: list[dict] = list(resume.verdict_rows) if resume else []
         self.replay_steps: dict[str, int] = dict(resume.replay_steps) if resume else {}
         self.num_replays = resume.num_replays if resume else 0
+        self.trigger_rows: list[dict] = list(resume.trigger_rows) if resume else []
+        # the triggers' rolling windows describe one FP8 regime: they restart after every switch
+        self.trigger_state, self.trigger_regime = TriggerState(), self.state.regime
         self.main_step = 0
         self.final_eval_loss: float | None = None
         self.main = MainJob(job, store_uri, run)
@@ -230,6 +235,7 @@ class Controller:
         self._on_checkpoint_events(result.checkpoint_events)
         self.main_step = result.step
         self._verify_nonfinite(result.records)
+        self._watch_signals(result.records)
 
     def _verify_nonfinite(self, records: list[StepRecord]) -> None:
         """A non-finite FP8 loss cannot wait for the cadence: replay its window in BF16 at once, so the
@@ -246,6 +252,43 @@ class Controller:
             self.emit("replay_triggered", step=bad[0], reason=f"non-finite FP8 loss at step {bad[0]}",
                       **request.to_dict())
             self._launch_replay(request)
+
+    def _watch_signals(self, records: list[StepRecord]) -> None:
+        """Feed FP8 steps' signals to the policy's triggers (pure: `shadow.policy.triggers`); a firing
+        starts a verification replay from the latest committed checkpoint at or before its step."""
+        triggers = self.policy.triggers
+        if not triggers.rules or self.policy_state.machine not in (Machine.FP8, Machine.FP8_PROBATION):
+            return
+        if self.trigger_regime != self.state.regime:
+            self.trigger_state, self.trigger_regime = TriggerState(), self.state.regime
+        for record in records:
+            if record.precision != "fp8":
+                continue
+            values = {**record.telemetry, "loss": record.loss, "grad_norm": record.grad_norm}
+            self.trigger_state, firings = watch(triggers, self.trigger_state, record.step, values)
+            if firings:
+                self._on_trigger(record.step, firings)
+
+    def _on_trigger(self, step: int, firings: list[Firing]) -> None:
+        window = self.policy.verify.window_steps
+        starts = [s for s in self.committed if s <= step and s + window <= self.job.steps]
+        start = max(starts, default=None)
+        taken = [r.request for r in [*self.pool.running, *self.finished]] + list(self.settled)
+        covered = any(r.start_step == start and r.purpose is Purpose.VERIFY for r in taken)
+        if start is None:
+            outcome = "no committed checkpoint at or before the step leaves room for a window"
+        elif covered:
+            outcome = f"the window from step {start} is already replayed"
+        else:
+            outcome = f"verification replay from step {start}"
+        for firing in firings:
+            row = {**firing.to_dict(), "replay_start": None if start is None or covered else start,
+                   "outcome": outcome}
+            self.trigger_rows.append(row)
+            self.emit("trigger_fired", **row)
+        if start is not None and not covered:
+            self._launch_replay(ReplayRequest(start, window, self.policy.verify.replay_precision.value,
+                                              Purpose.VERIFY))
 
     def _on_checkpoint_events(self, events: list[dict]) -> None:
         for event in events:
@@ -525,7 +568,7 @@ class Controller:
     def _summary(self) -> dict:
         history = [self.history[s] for s in sorted(self.history)]
         return build_summary(history=history, trained=self.trained, replay_steps=self.replay_steps,
-                             verdicts=self.verdict_rows, num_switches=self.state.num_switches,
+                             verdicts=self.verdict_rows, triggers=self.trigger_rows, num_switches=self.state.num_switches,
                              final_eval_loss=self.final_eval_loss, fp8_speedup=self.job.run.fp8_speedup,
                              wall_s=time.perf_counter() - self.started, phase=self.phase.value,
                              policy_state=self.state.policy_state)
