@@ -62,9 +62,8 @@ class ScaledMomentAdamW(torch.optim.Optimizer):
                 state = self.state[param]
                 if not state:
                     state["step"] = torch.tensor(0.0)
-                    zeros = torch.zeros_like(param, memory_format=torch.preserve_format)
-                    self._store(state, "exp_avg", zeros, self.formats[0])
-                    self._store(state, "exp_avg_sq", zeros, self.formats[1])
+                    self._store(state, "exp_avg", torch.zeros_like(param), self.formats[0])
+                    self._store(state, "exp_avg_sq", torch.zeros_like(param), self.formats[1])
                 exp_avg = self._load(state, "exp_avg", self.formats[0])
                 exp_avg_sq = self._load(state, "exp_avg_sq", self.formats[1])
                 # torch's _single_tensor_adam (decoupled weight decay), in the same order of operations

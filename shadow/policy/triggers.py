@@ -47,11 +47,11 @@ class TriggerState:
 
 def z_of(value: float, history: tuple[float, ...]) -> float:
     """How many standard deviations `value` lies above the mean of `history` (inf for a rise over a constant)."""
-    mean = sum(history) / len(history)
-    std = math.sqrt(sum((v - mean) ** 2 for v in history) / len(history))
-    if std > 0:
-        return (value - mean) / std
-    return math.inf if value > mean else 0.0
+    if min(history) == max(history):  # exactly constant (a computed mean could round below it)
+        return math.inf if value > history[0] else 0.0
+    mean = math.fsum(history) / len(history)
+    std = math.sqrt(math.fsum((v - mean) ** 2 for v in history) / len(history))
+    return (value - mean) / std
 
 
 def _test(rule: TriggerRule, step: int, value: float, history: tuple[float, ...]) -> Firing | None:
