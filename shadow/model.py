@@ -65,8 +65,11 @@ class SwiGLU(nn.Module):
     Smooth-SwiGLU divides each channel of the SwiGLU output by a scale before w_down quantizes it and
     multiplies w_down's matching weight column by the same scale. The scale is the channel's amax over
     the micro-batch rounded up to a power of two, so dividing and multiplying back are exact: the
-    function is unchanged (in BF16, bit for bit), while under FP8 no channel's outliers set the
-    per-tensor scale for all the others. It is computed afresh every forward: no state.
+    function is unchanged (in BF16 bit for bit, gradients included), while under FP8 no channel's
+    outliers set the input's per-tensor scale for all the others. It is computed afresh every forward
+    from the current activations, as in the paper: no state to checkpoint. Under FP8 it therefore
+    depends on how a step's batch is cut into micro-batches; that split is part of the job hash, so
+    replays stay exact.
     """
 
     def __init__(self, config: ModelConfig, backend: PrecisionBackend):
