@@ -270,25 +270,28 @@ class Controller:
                 self._on_trigger(record.step, firings)
 
     def _on_trigger(self, step: int, firings: list[Firing]) -> None:
+        """Replay from the latest committed checkpoint at or before `step`, through `step` (at least W
+        steps), unless a verification window already covers the step."""
         window = self.policy.verify.window_steps
-        starts = [s for s in self.committed if s <= step and s + window <= self.job.steps]
-        start = max(starts, default=None)
+        start = max((s for s in self.committed if s <= step and s + window <= self.job.steps), default=None)
         taken = [r.request for r in [*self.pool.running, *self.finished]] + list(self.settled)
-        covered = any(r.start_step == start and r.purpose is Purpose.VERIFY for r in taken)
-        if start is None:
+        covering = next((r for r in taken if r.purpose is Purpose.VERIFY
+                         and r.start_step <= step < r.start_step + r.num_steps), None)
+        request = None
+        if covering is not None:
+            outcome = f"already covered by the window from step {covering.start_step}"
+        elif start is None:
             outcome = "no committed checkpoint at or before the step leaves room for a window"
-        elif covered:
-            outcome = f"the window from step {start} is already replayed"
         else:
-            outcome = f"verification replay from step {start}"
+            request = ReplayRequest(start, max(window, step - start + 1), self.policy.verify.replay_precision.value,
+                                    Purpose.VERIFY)
+            outcome = f"verification replay of [{start}, {start + request.num_steps})"
         for firing in firings:
-            row = {**firing.to_dict(), "replay_start": None if start is None or covered else start,
-                   "outcome": outcome}
+            row = {**firing.to_dict(), "replay_start": request.start_step if request else None, "outcome": outcome}
             self.trigger_rows.append(row)
             self.emit("trigger_fired", **row)
-        if start is not None and not covered:
-            self._launch_replay(ReplayRequest(start, window, self.policy.verify.replay_precision.value,
-                                              Purpose.VERIFY))
+        if request is not None:
+            self._launch_replay(request)
 
     def _on_checkpoint_events(self, events: list[dict]) -> None:
         for event in events:
