@@ -23,7 +23,8 @@ def register(subparsers) -> None:
     parser.add_argument("--repeats", type=int, default=2, help="same-precision replays of the window (default: 2)")
     parser.add_argument("--seeds", default="", help="comma-separated model-init seeds compared with the job's, "
                         "used when the repeats are bit-exact (CPU), e.g. 1,2,3")
-    parser.add_argument("--multiplier", type=float, default=3.0, help="switch = multiplier x floor (default: 3)")
+    parser.add_argument("--multiplier", type=float, default=3.0, help="switch = multiplier x floor, at least 1 "
+                        "(default: 3)")
     parser.add_argument("--out", required=True, help="policy YAML to write (the measurements in its header)")
     parser.set_defaults(func=run)
 
@@ -40,8 +41,8 @@ def run(args: argparse.Namespace) -> int:
     except ValueError:
         print(f"--seeds: expected comma-separated integers, got {args.seeds!r}", file=sys.stderr)
         return 2
-    if args.repeats < 1 or args.start_step < 0 or not args.multiplier > 0:
-        print("--repeats must be >= 1, --start-step >= 0 and --multiplier > 0", file=sys.stderr)
+    if args.repeats < 1 or args.start_step < 0 or not args.multiplier >= 1:
+        print("--repeats must be >= 1, --start-step >= 0 and --multiplier >= 1 (switch >= warn)", file=sys.stderr)
         return 2
     window = args.window or policy.verify.window_steps
     try:
