@@ -58,7 +58,8 @@ def run(args: argparse.Namespace) -> int:
     note = ("the thresholds are the base policy's: the repeats were bit-exact and no --seeds were given"
             if result.source == "none" else
             f"thresholds.warn = the floor, thresholds.switch = {args.multiplier:g} x the floor")
-    header = [f"# Written by `shadow calibrate --job {args.job}` from {args.policy}.",
+    sets = "".join(f" --set {o}" for o in args.overrides)
+    header = [f"# Written by `shadow calibrate --job {args.job}{sets}` from {args.policy}.",
               f"# Window [{result.start_step}, {result.start_step + result.window_steps}) in {result.precision}, "
               f"metric {result.metric}: noise floor {result.floor:.6g} from {result.source}",
               f"# (repeats: {[round(g, 8) for g in result.repeat_gaps]}, "
