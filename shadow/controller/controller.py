@@ -27,9 +27,8 @@ from shadow.controller.replays import Replay, ReplayPool
 from shadow.controller.resume import ResumePoint
 from shadow.controller.state import ALLOWED, Phase, RunState
 from shadow.controller.summary import build_summary
-from shadow.policy import (Decision, DecisionKind, Machine, PolicyState, Purpose, ReplayRequest, decide,
-                           due_replays)
-from shadow.policy.triggers import Firing, TriggerState, watch
+from shadow.policy import (Decision, DecisionKind, Firing, Machine, PolicyState, Purpose, ReplayRequest,
+                           TriggerState, decide, due_replays, watch)
 from shadow.records import StepRecord
 
 
