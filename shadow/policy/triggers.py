@@ -5,8 +5,9 @@ in step order and starts a replay for what it returns. A rule fires when its sig
 or jumps: z = (value - mean) / std of the signal's previous `window` values (population std) is above
 `z_score`, the rule OLMo-core uses to skip steps on loss and gradient-norm spikes. A signal that was
 constant over a full window fires on any rise (z = inf). A non-finite value always fires. The rate
-limit: after a step that fired, nothing fires for `min_steps_between` steps (what would have fired is
-counted in `num_suppressed`); values keep entering the rolling windows meanwhile.
+limit is per signal: after a signal fired, it does not fire again for `min_steps_between` steps (what
+would have fired is counted in `num_suppressed`); values keep entering the rolling windows meanwhile.
+Per signal, so that one noisy signal's false alarm cannot mask another signal's real one.
 """
 
 from __future__ import annotations
@@ -40,9 +41,9 @@ def _json_number(value: float | None):
 @dataclass(frozen=True)
 class TriggerState:
     history: dict[str, tuple[float, ...]] = field(default_factory=dict)  # last values per signal, oldest first
-    last_fired_step: int | None = None
-    num_fired: int = 0  # steps that fired
-    num_suppressed: int = 0  # steps that would have fired within the rate limit
+    last_fired: dict[str, int] = field(default_factory=dict)  # step each signal last fired
+    num_fired: int = 0  # firings returned
+    num_suppressed: int = 0  # firings held back by the rate limit
 
 
 def z_of(value: float, history: tuple[float, ...]) -> float:
@@ -68,24 +69,25 @@ def _test(rule: TriggerRule, step: int, value: float, history: tuple[float, ...]
 
 def watch(config: TriggersConfig, state: TriggerState, step: int,
           values: Mapping[str, float]) -> tuple[TriggerState, list[Firing]]:
-    """One step's signals -> the new state and the rules that fired (empty within the rate limit)."""
+    """One step's signals -> the new state and the rules that fired (a signal within its rate limit is held back)."""
     if not config.rules:
         return state, []
-    firings = []
+    firings, suppressed = [], 0
     for rule in config.rules:
-        if rule.signal in values:
-            firing = _test(rule, step, float(values[rule.signal]), state.history.get(rule.signal, ()))
-            if firing is not None:
-                firings.append(firing)
+        if rule.signal not in values:
+            continue
+        firing = _test(rule, step, float(values[rule.signal]), state.history.get(rule.signal, ()))
+        last = state.last_fired.get(rule.signal)
+        if firing is not None and last is not None and step - last < config.min_steps_between:
+            suppressed += 1
+        elif firing is not None:
+            firings.append(firing)
     keep = max(rule.window for rule in config.rules)
     history = dict(state.history)
     for signal in {rule.signal for rule in config.rules if rule.signal in values}:
         value = float(values[signal])
         if math.isfinite(value):  # a non-finite value would poison the mean for a whole window
             history[signal] = (history.get(signal, ()) + (value,))[-keep:]
-    state = replace(state, history=history)
-    if not firings:
-        return state, []
-    if state.last_fired_step is not None and step - state.last_fired_step < config.min_steps_between:
-        return replace(state, num_suppressed=state.num_suppressed + 1), []
-    return replace(state, last_fired_step=step, num_fired=state.num_fired + 1), firings
+    last_fired = {**state.last_fired, **{f.signal: step for f in firings}}
+    return replace(state, history=history, last_fired=last_fired, num_fired=state.num_fired + len(firings),
+                   num_suppressed=state.num_suppressed + suppressed), firings

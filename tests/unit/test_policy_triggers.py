@@ -45,6 +45,17 @@ def test_non_finite_values_fire_and_stay_out_of_the_window():
     assert firings[0].to_dict()["value"] == "nan"  # JSON has no NaN: events carry it as a string
 
 
+def test_the_rate_limit_is_per_signal():
+    config = TriggersConfig(rules=[TriggerRule("grad_norm", above=5.0), TriggerRule("fp8/saturation_max", above=0.01)],
+                            min_steps_between=100)
+    state, first = watch(config, TriggerState(), 98, {"grad_norm": 7.0, "fp8/saturation_max": 0.0})
+    state, held = watch(config, state, 105, {"grad_norm": 7.0, "fp8/saturation_max": 0.0})
+    state, second = watch(config, state, 110, {"grad_norm": 1.0, "fp8/saturation_max": 0.9})
+    assert [f.signal for f in first] == ["grad_norm"] and held == []
+    assert [f.signal for f in second] == ["fp8/saturation_max"]  # not masked by grad_norm's firing at 98
+    assert state.num_fired == 2 and state.num_suppressed == 1
+
+
 def test_signals_not_in_the_step_are_skipped():
     config = TriggersConfig(rules=[TriggerRule("act/kurtosis_max", above=1.0)])
     assert watch(config, TriggerState(), 5, {"loss": 3.0}) == (TriggerState(history={}), [])
