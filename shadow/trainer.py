@@ -7,6 +7,9 @@ when `trainer.step == k` continues with step k, so a replay from it covers the w
 Everything that influences the next step is in the snapshot: weights, FP8 scaling buffers (model
 state), AdamW moments and step counts, the step (which fixes the LR schedule and the batch), and RNG
 states. The LR schedule is a pure function of the step, so it has no state of its own.
+
+Every `telemetry.every_steps` steps, a step also records its telemetry (`shadow/telemetry.py`) into
+the row; reading it changes no number of the step.
 """
 
 from __future__ import annotations
@@ -24,9 +27,9 @@ from shadow.config.loader import to_dict
 from shadow.data import StepData
 from shadow.distributed import RankLayout, init_group, max_across_ranks, sum_across_ranks
 from shadow.model import Transformer
+from shadow.optim import build_optimizer
 from shadow.precision import build_backend
 from shadow.records import StepRecord
-from shadow.optim import build_optimizer
 from shadow.snapshot import Snapshot
 from shadow.telemetry import TelemetryCollector
 
