@@ -229,8 +229,9 @@ class TriggersConfig:
     The controller feeds every FP8 main-job step's signals to the rules (telemetry keys exist on the
     steps of the job's `telemetry.every_steps`). When one fires, a verification replay starts from
     the latest committed checkpoint at or before that step and runs through it (at least
-    `verify.window_steps` steps), unless a verification window already covers the step. Every firing
-    is a `trigger_fired` event.
+    `verify.window_steps` steps), unless a verification window already covers the step. It takes the
+    next free replay slot (`verify.max_concurrent_replays`), ahead of the cadence. Every firing is a
+    `trigger_fired` event.
     """
 
     rules: list[TriggerRule] = field(default_factory=list)  # none = verify on the cadence only

@@ -59,6 +59,7 @@ class Controller:
         self.trigger_rows: list[dict] = list(resume.trigger_rows) if resume else []
         # the triggers' rolling windows describe one FP8 regime: they restart after every switch
         self.trigger_state, self.trigger_regime = TriggerState(), self.state.regime
+        self.triggered: list[ReplayRequest] = []  # triggered windows waiting for a replay slot
         self.main_step = 0
         self.final_eval_loss: float | None = None
         self.main = MainJob(job, store_uri, run)
@@ -273,7 +274,7 @@ class Controller:
         steps), unless a verification window already covers the step."""
         window = self.policy.verify.window_steps
         start = max((s for s in self.committed if s <= step and s + window <= self.job.steps), default=None)
-        taken = [r.request for r in [*self.pool.running, *self.finished]] + list(self.settled)
+        taken = [r.request for r in [*self.pool.running, *self.finished]] + self.settled + self.triggered
         covering = next((r for r in taken if r.purpose is Purpose.VERIFY
                          and r.start_step <= step < r.start_step + r.num_steps), None)
         request = None
@@ -290,7 +291,7 @@ class Controller:
             self.trigger_rows.append(row)
             self.emit("trigger_fired", **row)
         if request is not None:
-            self._launch_replay(request)
+            self.triggered.append(request)  # started by `_schedule_replays`, ahead of the cadence
 
     def _on_checkpoint_events(self, events: list[dict]) -> None:
         for event in events:
@@ -362,9 +363,13 @@ class Controller:
     def _schedule_replays(self) -> None:
         # finished replays still waiting for their verdict count as in flight: their window is taken
         in_flight = [r.request for r in [*self.pool.running, *self.finished]]
+        # triggered windows take the next free slots; while they wait, they hold back the cadence
+        while self.triggered and len(in_flight) < self.policy.verify.max_concurrent_replays:
+            in_flight.append(self.triggered.pop(0))
+            self._launch_replay(in_flight[-1])
         requests = due_replays(self.policy, self.policy_state, main_step=self.main_step,
-                               committed_steps=self.committed, in_flight=in_flight, total_steps=self.job.steps,
-                               settled=self.settled)
+                               committed_steps=self.committed, in_flight=in_flight + self.triggered,
+                               total_steps=self.job.steps, settled=self.settled)
         for request in requests:
             self._launch_replay(request)
 
@@ -523,7 +528,7 @@ class Controller:
         old = self.state.precision
         self.state = replace(self.state, precision=precision, regime=self.state.regime + 1,
                              num_switches=self.state.num_switches + (precision != old))
-        self.settled = []
+        self.settled, self.triggered = [], []
         self.main.call("set_precision", precision)
         self.emit("precision_switched", old=old, new=precision, step=self.main_step, reason=decision.reason,
                   state=self.state.to_dict())
@@ -536,7 +541,7 @@ class Controller:
         self.state = replace(self.state, precision="bf16", regime=self.state.regime + 1,
                              lineage=self.state.lineage + 1, restore_step=step, restore_run=run,
                              num_switches=self.state.num_switches + (old_precision != "bf16"))
-        self.settled = []
+        self.settled, self.triggered = [], []
         self.emit(kind, old_step=old_step, new_step=step, discarded=[min(step, keep_committed_upto), old_step],
                   reason=decision.reason, state=self.state.to_dict())
         if old_precision != "bf16":
