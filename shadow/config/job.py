@@ -327,7 +327,8 @@ class JobConfig:
             found.append(("batch_size", self.batch_size, "a positive integer"))
         if self.model.smooth_swiglu and self.precision.backend is not Fp8Backend.EMULATED:
             found.append(("model.smooth_swiglu", True, "false with precision.backend "
-                          f"'{self.precision.backend.value}' (Smooth-SwiGLU scales w_down inside the emulated backend)"))
+                          f"'{self.precision.backend.value}' (Smooth-SwiGLU scales w_down inside the emulated "
+                          "backend)"))
         micro = self.resources.num_ranks * self.resources.grad_accum
         if micro >= 1 and self.batch_size % micro:
             found.append(("batch_size", self.batch_size, f"a multiple of resources.num_ranks x resources.grad_accum "

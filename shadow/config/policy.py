@@ -235,7 +235,7 @@ class TriggersConfig:
     """
 
     rules: list[TriggerRule] = field(default_factory=list)  # none = verify on the cadence only
-    min_steps_between: int = 100  # rate limit per signal: after it fired, a signal does not fire again for this many steps
+    min_steps_between: int = 100  # rate limit per signal: after firing, a signal stays quiet this many steps
 
     def problems(self):
         if self.min_steps_between < 1:

@@ -255,7 +255,7 @@ class Controller:
 
     def _watch_signals(self, records: list[StepRecord]) -> None:
         """Feed FP8 steps' signals to the policy's triggers (pure: `shadow.policy.triggers`); a firing
-        starts a verification replay from the latest committed checkpoint at or before its step."""
+        queues a verification replay of its step (`_on_trigger`)."""
         triggers = self.policy.triggers
         if not triggers.rules or self.policy_state.machine not in (Machine.FP8, Machine.FP8_PROBATION):
             return
@@ -575,7 +575,8 @@ class Controller:
     def _summary(self) -> dict:
         history = [self.history[s] for s in sorted(self.history)]
         return build_summary(history=history, trained=self.trained, replay_steps=self.replay_steps,
-                             verdicts=self.verdict_rows, triggers=self.trigger_rows, num_switches=self.state.num_switches,
+                             verdicts=self.verdict_rows, triggers=self.trigger_rows,
+                             num_switches=self.state.num_switches,
                              final_eval_loss=self.final_eval_loss, fp8_speedup=self.job.run.fp8_speedup,
                              wall_s=time.perf_counter() - self.started, phase=self.phase.value,
                              policy_state=self.state.policy_state)

@@ -11,7 +11,8 @@ from shadow.precision.formats import E4M3, E5M2
 
 def _params(seed=0):
     generator = torch.Generator().manual_seed(seed)
-    return [torch.nn.Parameter(torch.randn(16, 8, generator=generator)), torch.nn.Parameter(torch.randn(8, generator=generator))]
+    return [torch.nn.Parameter(torch.randn(16, 8, generator=generator)),
+            torch.nn.Parameter(torch.randn(8, generator=generator))]
 
 
 def _steps(optimizer, params, num_steps=6):

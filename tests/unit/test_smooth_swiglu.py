@@ -43,7 +43,8 @@ def test_power_of_two_scale_is_exact_and_above_each_channel_amax():
 def test_bf16_is_bit_identical_and_fp8_changes(mode):
     plain_loss, plain_grads = _loss_and_grads(_model(False, mode)[0])
     smooth_loss, smooth_grads = _loss_and_grads(_model(True, mode)[0])
-    same = torch.equal(plain_loss, smooth_loss) and all(torch.equal(plain_grads[n], smooth_grads[n]) for n in plain_grads)
+    same = torch.equal(plain_loss, smooth_loss) and all(
+        torch.equal(plain_grads[n], smooth_grads[n]) for n in plain_grads)
     assert same == (mode == "bf16")
     if mode == "fp8":
         assert torch.allclose(plain_loss, smooth_loss, rtol=0.02)
