@@ -28,8 +28,7 @@ def effective_speedup(*, kept_steps: int, trained_fp8: int, trained_bf16: int, r
 
 def build_summary(*, history: list[StepRecord], trained: list[StepRecord], replay_steps: dict[str, int],
                   verdicts: list[dict], triggers: list[dict], num_switches: int, final_eval_loss: float | None,
-                  fp8_speedup: float,
-                  wall_s: float, phase: str, policy_state: dict) -> dict:
+                  fp8_speedup: float, wall_s: float, phase: str, policy_state: dict) -> dict:
     trained_fp8 = sum(1 for r in trained if r.precision == "fp8")
     trained_bf16 = len(trained) - trained_fp8
     purposes = [v["purpose"] for v in verdicts]
