@@ -60,14 +60,39 @@ class Attention(nn.Module):
 
 
 class SwiGLU(nn.Module):
+    """SwiGLU, or Smooth-SwiGLU (Fishman et al. 2024) with `config.smooth_swiglu`.
+
+    Smooth-SwiGLU divides each channel of the SwiGLU output by a scale before w_down quantizes it and
+    multiplies w_down's matching weight column by the same scale. The scale is the channel's amax over
+    the micro-batch rounded up to a power of two, so dividing and multiplying back are exact: the
+    function is unchanged (in BF16 bit for bit, gradients included), while under FP8 no channel's
+    outliers set the input's per-tensor scale for all the others. It is computed afresh every forward
+    from the current activations, as in the paper: no state to checkpoint. Under FP8 it therefore
+    depends on how a step's batch is cut into micro-batches; that split is part of the job hash, so
+    replays stay exact.
+    """
+
     def __init__(self, config: ModelConfig, backend: PrecisionBackend):
         super().__init__()
+        self.smooth = config.smooth_swiglu
         self.w_gate = backend.linear(config.d_model, config.ffn_width)
         self.w_up = backend.linear(config.d_model, config.ffn_width)
         self.w_down = backend.linear(config.ffn_width, config.d_model)
+        self.output = nn.Identity()  # names the SwiGLU output so telemetry can observe it (a forward hook)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.w_down(F.silu(self.w_gate(x)) * self.w_up(x))
+        hidden = self.output(F.silu(self.w_gate(x)) * self.w_up(x))
+        if not self.smooth:
+            return self.w_down(hidden)
+        channel_scale = power_of_two_channel_amax(hidden)
+        return self.w_down(hidden / channel_scale, column_scale=channel_scale)
+
+
+def power_of_two_channel_amax(x: torch.Tensor) -> torch.Tensor:
+    """Per last-dim channel, the smallest power of two above its amax (1 for an all-zero channel)."""
+    amax = x.detach().abs().float().amax(dim=tuple(range(x.dim() - 1)))
+    _, exponent = torch.frexp(amax)  # amax = m * 2**e with 0.5 <= m < 1, so 2**e > amax
+    return torch.where(amax > 0, torch.ldexp(torch.ones_like(amax), exponent), torch.ones_like(amax))
 
 
 class Block(nn.Module):

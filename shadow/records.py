@@ -23,7 +23,7 @@ class StepRecord:
     eval_loss: float | None = None  # held-out loss after this step, when an evaluation ran
     lineage: int = 0  # main job: which attempt of history; rows of an older lineage at or after a
     # rollback/restart point were discarded (see `shadow.rundir.read_history`)
-    telemetry: dict[str, float] = field(default_factory=dict)  # optional signals (amax, ...)
+    telemetry: dict[str, float] = field(default_factory=dict)  # telemetry steps: the keys of shadow/signals.py
 
     def to_json(self) -> str:
         return json.dumps({k: _finite_or_str(v) for k, v in asdict(self).items()}, sort_keys=True)

@@ -7,10 +7,14 @@ when `trainer.step == k` continues with step k, so a replay from it covers the w
 Everything that influences the next step is in the snapshot: weights, FP8 scaling buffers (model
 state), AdamW moments and step counts, the step (which fixes the LR schedule and the batch), and RNG
 states. The LR schedule is a pure function of the step, so it has no state of its own.
+
+Every `telemetry.every_steps` steps, a step also records its telemetry (`shadow/telemetry.py`) into
+the row; reading it changes no number of the step.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -23,9 +27,11 @@ from shadow.config.loader import to_dict
 from shadow.data import StepData
 from shadow.distributed import RankLayout, init_group, max_across_ranks, sum_across_ranks
 from shadow.model import Transformer
+from shadow.optim import build_optimizer
 from shadow.precision import build_backend
 from shadow.records import StepRecord
 from shadow.snapshot import Snapshot
+from shadow.telemetry import TelemetryCollector
 
 
 # Transformer Engine pickles its FP8 metadata into `_extra_state`; the backend exports it as tensors.
@@ -45,14 +51,15 @@ def job_hash(job: JobConfig) -> str:
     """Hash of every setting that shapes the trajectory, so a checkpoint of another job is refused.
 
     The precision mode is left out (replays run the same job in another precision), as are where
-    checkpoints go, evaluation cadence, how many ranks compute a step (not the micro-batch split), how
-    `shadow run` drives the job and injected faults.
+    checkpoints go, evaluation and telemetry cadence (both only read the state), how many ranks compute
+    a step (not the micro-batch split), how `shadow run` drives the job and injected faults. Model and
+    optimizer options that change numbers (`model.smooth_swiglu`, `optim.moments`) are in it.
     """
     config = to_dict(job)
     config["precision"].pop("mode")
     # the micro-batch split shapes the numbers; how many ranks compute it does not
     config["micro_batches"] = job.resources.num_ranks * job.resources.grad_accum
-    for key in ("name", "checkpoint", "eval", "resources", "run", "faults"):
+    for key in ("name", "checkpoint", "eval", "telemetry", "resources", "run", "faults"):
         config.pop(key)
     return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -76,15 +83,8 @@ class Trainer:
         self.model = Transformer(job.model, self.backend).to(self.device)
         self.model.init_weights(job.seed)
         self.data = StepData(job.data, job.model.seq_len, job.batch_size, job.model.vocab_size)
-        decay = [p for p in self.model.parameters() if p.dim() >= 2]
-        no_decay = [p for p in self.model.parameters() if p.dim() < 2]
-        self.optimizer = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": job.optim.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-            lr=job.optim.lr,
-            betas=(job.optim.beta1, job.optim.beta2),
-            eps=job.optim.eps,
-            foreach=False,
-        )
+        self.optimizer = build_optimizer(job.optim, self.model)
+        self.telemetry = TelemetryCollector(self.model, self.backend)
         self._param_names = {id(p): name for name, p in self.model.named_parameters()}
         self.job_hash = job_hash(job)
         self.step = 0
@@ -109,13 +109,16 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         num_micro_batches = self.layout.num_micro_batches
         loss_sum = torch.zeros((), device=self.device)
-        for micro_inputs, micro_targets in self.layout.my_micro_batches(inputs, targets):
-            with self.backend.autocast():
-                loss = self.model.loss(micro_inputs.to(self.device), micro_targets.to(self.device))
-            if step == self.nan_loss_at_step:
-                loss = loss * float("nan")
-            (loss / num_micro_batches).backward()
-            loss_sum += loss.detach().float() / num_micro_batches
+        every = self.job.telemetry.every_steps
+        record_telemetry = every > 0 and step % every == 0
+        with self.telemetry.recording() if record_telemetry else contextlib.nullcontext():
+            for micro_inputs, micro_targets in self.layout.my_micro_batches(inputs, targets):
+                with self.backend.autocast():
+                    loss = self.model.loss(micro_inputs.to(self.device), micro_targets.to(self.device))
+                if step == self.nan_loss_at_step:
+                    loss = loss * float("nan")
+                (loss / num_micro_batches).backward()
+                loss_sum += loss.detach().float() / num_micro_batches
         sum_across_ranks([p.grad for p in self.model.parameters() if p.grad is not None] + [loss_sum])
         clip = self.job.optim.grad_clip if self.job.optim.grad_clip > 0 else float("inf")
         grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip))
@@ -125,6 +128,8 @@ class Trainer:
         else:
             telemetry["skipped_update"] = 1.0  # a non-finite gradient would destroy the weights
         self.backend.end_step(self.model, reduce_amax=max_across_ranks if self.layout.world_size > 1 else None)
+        if record_telemetry:
+            telemetry.update(self.telemetry.finish())
         self.step = step + 1
         return StepRecord(
             step=step,

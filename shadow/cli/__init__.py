@@ -14,9 +14,10 @@ from shadow.config import ConfigError
 
 def _commands():
     # Command modules import torch/ray inside `run`, so `shadow policy check` starts fast.
-    from shadow.cli import compare_cmd, policy_cmd, replay_cmd, report_cmd, run_cmd, train_cmd
+    from shadow.cli import (calibrate_cmd, compare_cmd, policy_cmd, replay_cmd, report_cmd, run_cmd, sweep_cmd,
+                            train_cmd)
 
-    return [run_cmd, train_cmd, replay_cmd, compare_cmd, policy_cmd, report_cmd]
+    return [run_cmd, train_cmd, replay_cmd, compare_cmd, policy_cmd, report_cmd, calibrate_cmd, sweep_cmd]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -39,6 +39,11 @@ class AmaxCompute(str, Enum):
     MOST_RECENT = "most_recent"  # amax of the previous step only
 
 
+class Moments(str, Enum):
+    FP32 = "fp32"  # torch AdamW: both moments in fp32 (8 bytes per parameter)
+    FP8 = "fp8"  # first moment E4M3, second moment E5M2, each with a per-tensor scale (2 bytes per parameter)
+
+
 class DataSource(str, Enum):
     PYDOC = "pydoc"  # English text shipped with CPython (pydoc_data.topics), byte level: no download
     TEXT = "text"  # a UTF-8 (or any) text file at `path`, byte level
@@ -56,6 +61,9 @@ class ModelConfig:
     rope_theta: float = 10000.0
     norm_eps: float = 1e-5
     init_std: float = 0.02
+    smooth_swiglu: bool = False  # Smooth-SwiGLU (Fishman et al. 2024): each channel of the SwiGLU output is
+    # divided by a power-of-two scale before w_down quantizes it, and w_down's column multiplied back, so
+    # the function (and BF16 training, bit for bit) is unchanged while FP8 sees no channel outliers
 
     def problems(self):
         found = []
@@ -111,6 +119,7 @@ class OptimConfig:
     beta2: float = 0.95
     eps: float = 1e-8
     grad_clip: float = 1.0  # max global grad norm; 0 disables clipping
+    moments: Moments = Moments.FP32  # how AdamW stores its moments between steps (fp8: as in Fishman et al. 2024)
 
     def problems(self):
         found = []
@@ -187,6 +196,21 @@ class PrecisionConfig:
         if self.fault.enabled and self.backend is not Fp8Backend.EMULATED:
             found.append(("fault", "enabled", "backend 'emulated' (fault injection lives in the emulated quantizer)"))
         return found
+
+
+@dataclass
+class TelemetryConfig:
+    """Training signals recorded into `StepRecord.telemetry` (trajectory.jsonl, MLflow `telemetry/*`).
+
+    Reading them never changes the numbers of a step, so they are not part of the job hash; the
+    cost is only paid on the steps that record them (see bench/telemetry_cost.py)."""
+
+    every_steps: int = 10  # record telemetry on steps s with s % every_steps == 0; 0 = never
+
+    def problems(self):
+        if self.every_steps < 0:
+            return [("every_steps", self.every_steps, "0 (off) or a positive integer")]
+        return []
 
 
 @dataclass
@@ -288,6 +312,7 @@ class JobConfig:
     precision: PrecisionConfig = field(default_factory=PrecisionConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    telemetry: TelemetryConfig = field(default_factory=TelemetryConfig)
     resources: ResourcesConfig = field(default_factory=ResourcesConfig)
     run: RunConfig = field(default_factory=RunConfig)
     faults: FaultsConfig = field(default_factory=FaultsConfig)
@@ -300,6 +325,10 @@ class JobConfig:
             found.append(("steps", self.steps, "a positive integer"))
         if self.batch_size < 1:
             found.append(("batch_size", self.batch_size, "a positive integer"))
+        if self.model.smooth_swiglu and self.precision.backend is not Fp8Backend.EMULATED:
+            found.append(("model.smooth_swiglu", True, "false with precision.backend "
+                          f"'{self.precision.backend.value}' (Smooth-SwiGLU scales w_down inside the emulated "
+                          "backend)"))
         micro = self.resources.num_ranks * self.resources.grad_accum
         if micro >= 1 and self.batch_size % micro:
             found.append(("batch_size", self.batch_size, f"a multiple of resources.num_ranks x resources.grad_accum "

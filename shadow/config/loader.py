@@ -14,6 +14,7 @@ import enum
 import math
 import os
 import re
+import types
 import typing
 from dataclasses import dataclass
 from pathlib import Path
@@ -154,7 +155,7 @@ def parse_overrides(overrides: list[str]) -> dict:
 
 def _type_name(tp: Any) -> str:
     origin = typing.get_origin(tp)
-    if origin is typing.Union:
+    if origin in (typing.Union, types.UnionType):  # Optional[X] or X | None
         names = [_type_name(a) for a in typing.get_args(tp) if a is not type(None)]
         return " or ".join(names) + " or null"
     if origin in (list, tuple):
@@ -172,7 +173,7 @@ def _type_name(tp: Any) -> str:
 def _check_value(tp: Any, value: Any) -> Any:
     """Return `value` converted to `tp`, or raise ValueError. Strict: no silent str→number coercion."""
     origin = typing.get_origin(tp)
-    if origin is typing.Union:
+    if origin in (typing.Union, types.UnionType):  # Optional[X] or X | None
         args = typing.get_args(tp)
         if value is None and type(None) in args:
             return None
@@ -235,10 +236,29 @@ def _merge(schema: type, base: dict, data: dict, source: str, prefix: str, probl
                 continue
             _merge(tp, base[key], value, source, f"{full_key}.", problems)
             continue
+        item_tp = _dataclass_items(tp)
+        if item_tp is not None:  # a list of mappings (policy `triggers.rules`): each over the item defaults
+            if not isinstance(value, list) or not all(isinstance(v, dict) for v in value):
+                problems.append(ConfigProblem(source, full_key, value, "a list of mappings"))
+                continue
+            base[key] = []
+            for index, item in enumerate(value):
+                base[key].append(_defaults_as_dict(item_tp))
+                _merge(item_tp, base[key][-1], item, source, f"{full_key}[{index}].", problems)
+            continue
         try:
             base[key] = _check_value(tp, value)
         except ValueError as exc:
             problems.append(ConfigProblem(source, full_key, value, str(exc)))
+
+
+def _dataclass_items(tp: Any) -> type | None:
+    """The item type of `list[SomeDataclass]`, else None."""
+    if typing.get_origin(tp) is list:
+        args = typing.get_args(tp)
+        if args and dataclasses.is_dataclass(args[0]):
+            return args[0]
+    return None
 
 
 def _defaults_as_dict(schema: type) -> dict:
@@ -281,7 +301,12 @@ def _instantiate(schema: type[T], values: dict) -> T:
     for field in dataclasses.fields(schema):
         value = values[field.name]
         field_type = hints[field.name]
-        kwargs[field.name] = _instantiate(field_type, value) if dataclasses.is_dataclass(field_type) else value
+        item_tp = _dataclass_items(field_type)
+        if dataclasses.is_dataclass(field_type):
+            value = _instantiate(field_type, value)
+        elif item_tp is not None:
+            value = [_instantiate(item_tp, item) for item in value]
+        kwargs[field.name] = value
     return schema(**kwargs)
 
 
@@ -308,6 +333,10 @@ def _semantic_problems(obj: Any, prefix: str) -> list[tuple[str, Any, str]]:
         value = getattr(obj, field.name)
         if dataclasses.is_dataclass(value):
             found.extend(_semantic_problems(value, f"{prefix}{field.name}."))
+        elif isinstance(value, list):
+            for index, item in enumerate(value):
+                if dataclasses.is_dataclass(item):
+                    found.extend(_semantic_problems(item, f"{prefix}{field.name}[{index}]."))
     check = getattr(obj, "problems", None)
     if callable(check):
         found.extend((f"{prefix}{key}", value, expected) for key, value, expected in check())

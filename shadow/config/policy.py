@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 
 from shadow.config.loader import build_config, load_config, parse_overrides, parse_yaml_mapping
+from shadow.signals import is_signal
 
 
 class Metric(str, Enum):
@@ -197,12 +198,59 @@ class NoiseConfig:
 
 
 @dataclass
+class TriggerRule:
+    """One training signal to watch; crossing `above` or jumping `z_score` deviations fires the trigger."""
+
+    signal: str = ""  # `loss`, `grad_norm` or a telemetry key (e.g. fp8/saturation_max; all keys: shadow/signals.py)
+    above: float | None = None  # fire when the signal is above this value; null = no absolute threshold
+    z_score: float | None = None  # fire when (value - mean) / std of the previous `window` values is above this
+    window: int = 20  # observations of the signal in the rolling window; no z-score until it is full
+
+    def problems(self):
+        found = []
+        if not is_signal(self.signal):
+            found.append(("signal", self.signal, "loss, grad_norm or a telemetry key listed in shadow/signals.py "
+                          "(e.g. fp8/saturation_max, act/kurtosis_max)"))
+        if self.above is None and self.z_score is None:
+            found.append(("above", None, "a number, or set z_score (a rule needs at least one test)"))
+        if self.z_score is not None and not (math.isfinite(self.z_score) and self.z_score > 0):
+            found.append(("z_score", self.z_score, "a finite positive number of standard deviations"))
+        if self.above is not None and not math.isfinite(self.above):
+            found.append(("above", self.above, "a finite number"))
+        if self.window < 2:
+            found.append(("window", self.window, "at least 2 (a standard deviation needs two values)"))
+        return found
+
+
+@dataclass
+class TriggersConfig:
+    """Extra verification replays when a training signal says FP8 may be in trouble, besides the cadence.
+
+    The controller feeds every FP8 main-job step's signals to the rules (telemetry keys exist on the
+    steps of the job's `telemetry.every_steps`). When one fires, a verification replay starts from
+    the latest committed checkpoint at or before that step and runs through it (at least
+    `verify.window_steps` steps), unless a verification window already covers the step. It takes the
+    next free replay slot (`verify.max_concurrent_replays`), ahead of the cadence. Every firing is a
+    `trigger_fired` event.
+    """
+
+    rules: list[TriggerRule] = field(default_factory=list)  # none = verify on the cadence only
+    min_steps_between: int = 100  # rate limit per signal: after firing, a signal stays quiet this many steps
+
+    def problems(self):
+        if self.min_steps_between < 1:
+            return [("min_steps_between", self.min_steps_between, "a positive number of steps")]
+        return []
+
+
+@dataclass
 class Policy:
     verify: VerifyConfig = field(default_factory=VerifyConfig)
     compare: CompareConfig = field(default_factory=CompareConfig)
     thresholds: ThresholdsConfig = field(default_factory=ThresholdsConfig)
     action: ActionConfig = field(default_factory=ActionConfig)
     noise: NoiseConfig = field(default_factory=NoiseConfig)
+    triggers: TriggersConfig = field(default_factory=TriggersConfig)
 
     def problems(self):
         found = []

@@ -27,7 +27,8 @@ from shadow.controller.replays import Replay, ReplayPool
 from shadow.controller.resume import ResumePoint
 from shadow.controller.state import ALLOWED, Phase, RunState
 from shadow.controller.summary import build_summary
-from shadow.policy import Decision, DecisionKind, PolicyState, Purpose, ReplayRequest, decide, due_replays
+from shadow.policy import (Decision, DecisionKind, Firing, Machine, PolicyState, Purpose, ReplayRequest,
+                           TriggerState, decide, due_replays, watch)
 from shadow.records import StepRecord
 
 
@@ -55,6 +56,10 @@ class Controller:
         self.verdict_rows: list[dict] = list(resume.verdict_rows) if resume else []
         self.replay_steps: dict[str, int] = dict(resume.replay_steps) if resume else {}
         self.num_replays = resume.num_replays if resume else 0
+        self.trigger_rows: list[dict] = list(resume.trigger_rows) if resume else []
+        # the triggers' rolling windows describe one FP8 regime: they restart after every switch
+        self.trigger_state, self.trigger_regime = TriggerState(), self.state.regime
+        self.triggered: list[ReplayRequest] = []  # triggered windows waiting for a replay slot
         self.main_step = 0
         self.final_eval_loss: float | None = None
         self.main = MainJob(job, store_uri, run)
@@ -230,6 +235,7 @@ class Controller:
         self._on_checkpoint_events(result.checkpoint_events)
         self.main_step = result.step
         self._verify_nonfinite(result.records)
+        self._watch_signals(result.records)
 
     def _verify_nonfinite(self, records: list[StepRecord]) -> None:
         """A non-finite FP8 loss cannot wait for the cadence: replay its window in BF16 at once, so the
@@ -246,6 +252,46 @@ class Controller:
             self.emit("replay_triggered", step=bad[0], reason=f"non-finite FP8 loss at step {bad[0]}",
                       **request.to_dict())
             self._launch_replay(request)
+
+    def _watch_signals(self, records: list[StepRecord]) -> None:
+        """Feed FP8 steps' signals to the policy's triggers (pure: `shadow.policy.triggers`); a firing
+        queues a verification replay of its step (`_on_trigger`)."""
+        triggers = self.policy.triggers
+        if not triggers.rules or self.policy_state.machine not in (Machine.FP8, Machine.FP8_PROBATION):
+            return
+        if self.trigger_regime != self.state.regime:
+            self.trigger_state, self.trigger_regime = TriggerState(), self.state.regime
+        for record in records:
+            if record.precision != "fp8":
+                continue
+            values = {**record.telemetry, "loss": record.loss, "grad_norm": record.grad_norm}
+            self.trigger_state, firings = watch(triggers, self.trigger_state, record.step, values)
+            if firings:
+                self._on_trigger(record.step, firings)
+
+    def _on_trigger(self, step: int, firings: list[Firing]) -> None:
+        """Replay from the latest committed checkpoint at or before `step`, through `step` (at least W
+        steps), unless a verification window already covers the step."""
+        window = self.policy.verify.window_steps
+        start = max((s for s in self.committed if s <= step and s + window <= self.job.steps), default=None)
+        taken = [r.request for r in [*self.pool.running, *self.finished]] + self.settled + self.triggered
+        covering = next((r for r in taken if r.purpose is Purpose.VERIFY
+                         and r.start_step <= step < r.start_step + r.num_steps), None)
+        request = None
+        if covering is not None:
+            outcome = f"already covered by the window from step {covering.start_step}"
+        elif start is None:
+            outcome = "no committed checkpoint at or before the step leaves room for a window"
+        else:
+            request = ReplayRequest(start, max(window, step - start + 1), self.policy.verify.replay_precision.value,
+                                    Purpose.VERIFY)
+            outcome = f"verification replay of [{start}, {start + request.num_steps})"
+        for firing in firings:
+            row = {**firing.to_dict(), "replay_start": request.start_step if request else None, "outcome": outcome}
+            self.trigger_rows.append(row)
+            self.emit("trigger_fired", **row)
+        if request is not None:
+            self.triggered.append(request)  # started by `_schedule_replays`, ahead of the cadence
 
     def _on_checkpoint_events(self, events: list[dict]) -> None:
         for event in events:
@@ -317,9 +363,13 @@ class Controller:
     def _schedule_replays(self) -> None:
         # finished replays still waiting for their verdict count as in flight: their window is taken
         in_flight = [r.request for r in [*self.pool.running, *self.finished]]
+        # triggered windows take the next free slots; while they wait, they hold back the cadence
+        while self.triggered and len(in_flight) < self.policy.verify.max_concurrent_replays:
+            in_flight.append(self.triggered.pop(0))
+            self._launch_replay(in_flight[-1])
         requests = due_replays(self.policy, self.policy_state, main_step=self.main_step,
-                               committed_steps=self.committed, in_flight=in_flight, total_steps=self.job.steps,
-                               settled=self.settled)
+                               committed_steps=self.committed, in_flight=in_flight + self.triggered,
+                               total_steps=self.job.steps, settled=self.settled)
         for request in requests:
             self._launch_replay(request)
 
@@ -478,7 +528,7 @@ class Controller:
         old = self.state.precision
         self.state = replace(self.state, precision=precision, regime=self.state.regime + 1,
                              num_switches=self.state.num_switches + (precision != old))
-        self.settled = []
+        self.settled, self.triggered = [], []
         self.main.call("set_precision", precision)
         self.emit("precision_switched", old=old, new=precision, step=self.main_step, reason=decision.reason,
                   state=self.state.to_dict())
@@ -491,7 +541,7 @@ class Controller:
         self.state = replace(self.state, precision="bf16", regime=self.state.regime + 1,
                              lineage=self.state.lineage + 1, restore_step=step, restore_run=run,
                              num_switches=self.state.num_switches + (old_precision != "bf16"))
-        self.settled = []
+        self.settled, self.triggered = [], []
         self.emit(kind, old_step=old_step, new_step=step, discarded=[min(step, keep_committed_upto), old_step],
                   reason=decision.reason, state=self.state.to_dict())
         if old_precision != "bf16":
@@ -525,7 +575,8 @@ class Controller:
     def _summary(self) -> dict:
         history = [self.history[s] for s in sorted(self.history)]
         return build_summary(history=history, trained=self.trained, replay_steps=self.replay_steps,
-                             verdicts=self.verdict_rows, num_switches=self.state.num_switches,
+                             verdicts=self.verdict_rows, triggers=self.trigger_rows,
+                             num_switches=self.state.num_switches,
                              final_eval_loss=self.final_eval_loss, fp8_speedup=self.job.run.fp8_speedup,
                              wall_s=time.perf_counter() - self.started, phase=self.phase.value,
                              policy_state=self.state.policy_state)

@@ -35,6 +35,7 @@ class ResumePoint:
     committed: set[int]
     verdicts: list[Verdict]
     verdict_rows: list[dict]
+    trigger_rows: list[dict]
     replay_steps: dict[str, int]
     num_replays: int
 
@@ -85,6 +86,8 @@ def load_resume_point(run_dir: str | Path, run: str, store_uri: str, job_hash: s
         verdicts=[Verdict.from_dict(e["verdict"]) for e in verdict_events],
         verdict_rows=[{k: v for k, v in e.items() if k not in ("event", "time_unix", "verdict")}
                       for e in verdict_events],
+        trigger_rows=[{k: v for k, v in e.items() if k not in ("event", "time_unix")}
+                      for e in events if e["event"] == "trigger_fired"],
         replay_steps=replay_steps,
         num_replays=sum(1 for e in events if e["event"] == "replay_started"),
     )

@@ -27,8 +27,8 @@ def effective_speedup(*, kept_steps: int, trained_fp8: int, trained_bf16: int, r
 
 
 def build_summary(*, history: list[StepRecord], trained: list[StepRecord], replay_steps: dict[str, int],
-                  verdicts: list[dict], num_switches: int, final_eval_loss: float | None, fp8_speedup: float,
-                  wall_s: float, phase: str, policy_state: dict) -> dict:
+                  verdicts: list[dict], triggers: list[dict], num_switches: int, final_eval_loss: float | None,
+                  fp8_speedup: float, wall_s: float, phase: str, policy_state: dict) -> dict:
     trained_fp8 = sum(1 for r in trained if r.precision == "fp8")
     trained_bf16 = len(trained) - trained_fp8
     purposes = [v["purpose"] for v in verdicts]
@@ -46,6 +46,9 @@ def build_summary(*, history: list[StepRecord], trained: list[StepRecord], repla
         "num_probes": purposes.count("probe"),
         "num_noise_windows": purposes.count("noise"),
         "num_switches": num_switches,
+        "num_triggers_fired": len({t["step"] for t in triggers}),
+        "num_triggered_replays": len({t["replay_start"] for t in triggers if t["replay_start"] is not None}),
+        "triggers": triggers,
         "verdicts": verdicts,
         "replay_steps": replay_steps,
         "verification_cost": sum(replay_steps.values()) / len(trained) if trained else 0.0,
@@ -68,6 +71,7 @@ def format_summary(summary: dict) -> str:
         f"discarded {summary['steps_discarded']}",
         f"verifications    {summary['num_verifications']}   probes {summary['num_probes']}   "
         f"noise windows {summary['num_noise_windows']}   switches {summary['num_switches']}",
+        f"triggers fired   {summary['num_triggers_fired']}   triggered replays {summary['num_triggered_replays']}",
         f"verification cost {summary['verification_cost']:.2f} replay steps per main step",
         f"effective speedup wall {_num(speed['wall'], '.2f')}x   compute {_num(speed['compute'], '.2f')}x   "
         f"(assuming FP8 = {speed['fp8_speedup_assumed']}x BF16 per step)",

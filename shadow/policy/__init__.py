@@ -1,7 +1,8 @@
 """The policy brain: verdicts -> decisions over an explicit state machine, and which replays to run.
 
 Pure (no torch, Ray, MLflow or I/O): `decide` takes the policy, the state, earlier verdicts and a new
-verdict and returns `Decisions(state, decisions)`; `due_replays` says which replays to start. The
+verdict and returns `Decisions(state, decisions)`; `due_replays` says which replays to start on the
+cadence, `watch` which training signals call for an extra replay now (the policy's `triggers`). The
 controller executes decisions (at step boundaries) and logs each one with its reason.
 
 A window's metric is `compare.metric`, oriented so that positive = FP8 worse. "clean" = metric at or
@@ -43,6 +44,8 @@ from shadow.policy.noise import calibrate, effective_thresholds, scale_threshold
 from shadow.policy.schedule import due_replays
 from shadow.policy.state import (Decision, DecisionKind, Decisions, Machine, PolicyState, Purpose,
                                  ReplayRequest)
+from shadow.policy.triggers import Firing, TriggerState, watch
 
-__all__ = ["Decision", "DecisionKind", "Decisions", "Machine", "PolicyState", "Purpose", "ReplayRequest",
-           "calibrate", "decide", "due_replays", "effective_thresholds", "purpose_of", "scale_thresholds"]
+__all__ = ["Decision", "DecisionKind", "Decisions", "Firing", "Machine", "PolicyState", "Purpose", "ReplayRequest",
+           "TriggerState", "calibrate", "decide", "due_replays", "effective_thresholds", "purpose_of",
+           "scale_thresholds", "watch"]

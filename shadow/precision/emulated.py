@@ -16,6 +16,8 @@ when FP8 resumes.
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -88,15 +90,22 @@ class EmulatedFp8Linear(nn.Module):
         else:
             scale = torch.ones((), device=t.device)
         scale = scale * self.backend.fault_factor()
-        return fmt.quantize(t * scale) / scale
+        scaled = t * scale
+        quantized = fmt.quantize(scaled)
+        if self.backend.quantization_observer is not None:
+            self.backend.quantization_observer(self, role, scaled, quantized, fmt)
+        return quantized / scale
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, column_scale: torch.Tensor | None = None) -> torch.Tensor:
+        """`column_scale` multiplies the weight's columns (input channels) before quantization: the
+        caller divided those channels of `x` by it (Smooth-SwiGLU), so the product is unchanged."""
+        weight = self.weight if column_scale is None else self.weight * column_scale
         if self.backend.mode is PrecisionMode.FP8:
-            return _Fp8EmulatedLinear.apply(x, self.weight, self)
+            return _Fp8EmulatedLinear.apply(x, weight, self)
         if self.backend.calibrating:
             self._record_amax(x, ROLE_INPUT)
-            self._record_amax(self.weight, ROLE_WEIGHT)
-        out = bf16_linear(x, self.weight)
+            self._record_amax(weight, ROLE_WEIGHT)
+        out = bf16_linear(x, weight)
         if self.backend.calibrating and out.requires_grad:
             out.register_hook(self._record_grad_amax)
         return out
@@ -128,6 +137,10 @@ class EmulatedBackend(PrecisionBackend):
     def __init__(self, config: PrecisionConfig, device: torch.device):
         super().__init__(config, device)
         self.recipe = recipe_for(config.format)
+        # called as (layer, role, scaled operand, its quantized value, format) on every quantization
+        # while set (telemetry steps); it must only read them
+        self.quantization_observer: Callable[[EmulatedFp8Linear, int, torch.Tensor, torch.Tensor, FPFormat],
+                                             None] | None = None
 
     @property
     def calibrating(self) -> bool:

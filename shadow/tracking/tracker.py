@@ -247,6 +247,12 @@ class MlflowTracker(RunCallback):
         if kind != "note" and event.get("name"):
             self._log(event["name"], tags={"shadow.decision": kind})
 
+    def _on_trigger_fired(self, event: dict, now: int) -> None:
+        """A trigger as a marker on the main run's step axis, and which signal it was in a tag."""
+        self._log(MAIN, metrics=[["shadow/trigger_fired", 1.0, now, event["step"]]],
+                  tags={"shadow.last_trigger": f"{event['signal']} {event['test']} at step {event['step']}: "
+                                               f"value {event['value']}, threshold {event['threshold']}"})
+
     def _on_precision_switched(self, event: dict, now: int) -> None:
         metrics = [["shadow/switch", keys.PRECISION_CODE[event["new"]], now, event["step"]]]
         num_switches = event.get("state", {}).get("num_switches")

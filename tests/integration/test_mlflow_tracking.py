@@ -87,6 +87,8 @@ def test_parent_and_child_runs_share_keys_and_steps(server, tracked_run):
     # every trained row of the main job is in the parent run, at its step (re-trained steps twice)
     trajectory = read_trajectory(tracked_run)
     assert _history(client, parent.info.run_id, "train/loss") == Counter((r.step, r.loss) for r in trajectory)
+    telemetry = client.get_metric_history(parent.info.run_id, "telemetry/act/kurtosis_max")
+    assert {m.step for m in telemetry} == {r.step for r in trajectory if r.telemetry} != set()
     precision = {m.step: m.value for m in client.get_metric_history(parent.info.run_id, "shadow/precision")}
     kept, _ = read_history(tracked_run)
     assert precision[kept[-1].step] == 1.0 and precision[200] == 0.0  # FP8 at the end, BF16 in fallback
