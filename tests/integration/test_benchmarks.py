@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from tests.conftest import REPO
+from conftest import REPO
 
 
 def bench(name: str, tmp_path, *args: str) -> dict:
@@ -49,6 +49,7 @@ def test_gpu_throughput_skips_cleanly_without_a_gpu(tmp_path):
     assert not (tmp_path / "g.json").exists()
 
 
+@pytest.mark.slow
 def test_verification_cost(tmp_path):
     result = bench("verification_cost", tmp_path, "--steps", "60", "--policies", "policies/default.yaml",
                    "--model", "model.num_layers=1", "model.d_model=32", "model.seq_len=32", "batch_size=4")
@@ -61,6 +62,7 @@ def test_verification_cost(tmp_path):
     assert default["compute_1.3"] == pytest.approx(60 / (60 / 1.3 + 25))
 
 
+@pytest.mark.slow
 def test_detection_quality(tmp_path):
     result = bench("detection_quality", tmp_path, "--seeds", "1", "--steps", "40", "--scenarios", "noscale",
                    "--model", "model.num_layers=1", "model.d_model=32", "model.seq_len=32", "batch_size=4",
@@ -76,6 +78,7 @@ def test_detection_quality(tmp_path):
     assert table["scenario"] == "noscale" and table["runs"] == 1
 
 
+@pytest.mark.slow
 def test_controller_scaling(tmp_path):
     result = bench("controller_scaling", tmp_path, "--lengths", "200", "--concurrency", "1", "--every", "50")
     (row,) = result["rows"]
