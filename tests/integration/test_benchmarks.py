@@ -86,3 +86,15 @@ def test_controller_scaling(tmp_path):
     # windows from the checkpoints at 0, 50, 100, 150; spans the replays fell behind on are skipped
     assert 1 <= row["num_verifications"] <= 4 and row["judge_calls"] == row["num_verifications"]
     assert row["decision_point_calls"] > 0 and row["schedule_replays_early_us"] > 0
+
+
+@pytest.mark.slow
+def test_overhead(tmp_path):
+    result = bench("overhead", tmp_path, "--rounds", "1", "--steps", "30", "--blocking-sizes",
+                   "--set", "model.num_layers=1", "--set", "model.d_model=32", "--set", "model.seq_len=32",
+                   "--set", "batch_size=4")
+    train, run, ratio = result["rows"]
+    assert run["verification_cost"] == pytest.approx(25 / 30)  # one 25-step window from step 0
+    for key in ("process_s", "wall_s", "median_step_s"):
+        assert ratio[key] == pytest.approx(run[key] / train[key])  # one round: the ratio of that round
+    assert result["blocking"] == []
