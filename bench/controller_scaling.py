@@ -42,8 +42,8 @@ from shadow.trainer import Trainer, lr_at
 
 # chunks end at checkpoints anyway; one chunk per checkpoint keeps Ray round trips (~0.1 s on a loaded
 # 2-core machine) from making a 100k-step simulation take half an hour
-DUMMY_MODEL = ["run.chunk_steps=50", "checkpoint.every_steps=50", "model.num_layers=1", "model.d_model=8", "model.num_heads=1", "model.seq_len=8", "batch_size=1",
-               "eval.batches=1"]
+DUMMY_JOB = ["run.chunk_steps=50", "checkpoint.every_steps=50", "model.num_layers=1", "model.d_model=8",
+             "model.num_heads=1", "model.seq_len=8", "batch_size=1", "eval.batches=1"]
 TIMED = ("_decision_point", "_schedule_replays", "_judge")
 
 
@@ -62,12 +62,16 @@ class DummyTrainer(Trainer):
 
 
 class FastMainTrainer(actors.MainTrainer):
+    """The main trainer actor with the stand-in; the patch is in this actor's own process only."""
+
     def setup(self, *args) -> None:
         actors.Trainer = type("MainDummy", (DummyTrainer,), {"step_s": MAIN_STEP_S})
         super().setup(*args)
 
 
 class FastReplayWorker(actors.ReplayWorker):
+    """A replay actor with the stand-in (fresh per window, as the real one)."""
+
     def setup(self, *args) -> None:
         actors.Trainer = type("ReplayDummy", (DummyTrainer,), {"step_s": REPLAY_STEP_S})
         super().setup(*args)
@@ -144,7 +148,7 @@ def _verdict(start: int):
 
 
 def simulate(steps: int, concurrency: int, every: int, window: int, root: Path) -> dict:
-    job = load_job(str(REPO / "jobs/tiny.yaml"), DUMMY_MODEL + [f"steps={steps}"])
+    job = load_job(str(REPO / "jobs/tiny.yaml"), DUMMY_JOB + [f"steps={steps}"])
     policy = load_policy(str(REPO / "policies/default.yaml"),
                          [f"verify.every_n_steps={every}", f"verify.window_steps={window}",
                           f"verify.max_concurrent_replays={concurrency}"])
