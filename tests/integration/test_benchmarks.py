@@ -84,7 +84,8 @@ def test_controller_scaling(tmp_path):
     (row,) = result["rows"]
     assert row["steps"] == 200 and row["concurrency"] == row["max_in_flight"] == 1
     # windows from the checkpoints at 0, 50, 100, 150; spans the replays fell behind on are skipped
-    assert 1 <= row["num_verifications"] <= 4 and row["judge_calls"] == row["num_verifications"]
+    assert 1 <= row["num_verifications"] <= 4
+    assert row["judge_calls"] <= row["num_verifications"]  # timed only while the main job still trains
     assert row["decision_point_calls"] > 0 and row["schedule_replays_early_us"] > 0
 
 
