@@ -160,7 +160,7 @@ def main() -> None:
                  ("false_switches", "false switches", ""), ("detected", "detected", ""),
                  ("latency_median", "latency med", "g"), ("latency_max", "latency max", "g")], table,
                 title=f"\nDetection quality: {args.seeds} seeds x {len(table)} scenarios, {args.steps} steps, "
-                      f"model {' '.join(args.model)}, policy {args.policy} (switch at {threshold:.1%} "
+                      f"model {' '.join(args.model) or 'as in the job'}, policy {args.policy} (switch at {threshold:.1%} "
                       f"held-out gap; latency goal {latency_goal} steps). Gaps: medians over seeds, vs BF16.")
     print(f"total: false switches {totals['false_switches']}/{totals['healthy_runs']} healthy runs, detected "
           f"{totals['detected']}/{totals['degraded_runs']} degraded runs, max latency {totals['latency_max']} "
