@@ -1,5 +1,9 @@
-"""Every benchmark runs at a tiny size and writes the JSON its table comes from. Not benchmarks: the
-figures here mean nothing; the tests check that the commands work and that their rows hold together."""
+"""Benchmarks run at a tiny size and write the JSON their table comes from. Not benchmarks: the figures
+here mean nothing; the tests check that the commands work and that their rows hold together.
+
+`overhead.py`, `verification_cost.py` and `tracking_cost.py` are not run here, to keep this module
+under a minute: each would add a `shadow run` (a Ray start, ~25 s) to a path the detection-quality
+test already takes (`shadow train` and `shadow run` in subprocesses, their summaries read back)."""
 
 import json
 import os
@@ -50,19 +54,6 @@ def test_gpu_throughput_skips_cleanly_without_a_gpu(tmp_path):
 
 
 @pytest.mark.slow
-def test_verification_cost(tmp_path):
-    result = bench("verification_cost", tmp_path, "--steps", "60", "--policies", "policies/default.yaml",
-                   "--model", "model.num_layers=1", "model.d_model=32", "model.seq_len=32", "batch_size=4")
-    unguarded, default = result["rows"]
-    assert unguarded["wall_1.3"] == unguarded["compute_1.3"] == 1.3
-    # 60 steps under `every 100, window 25`: one window [0, 25), BF16
-    assert default["replay_steps"] == {"bf16": 25} and default["main_steps"] == 60
-    assert default["replay_per_main"] == pytest.approx(25 / 60)
-    assert default["wall_1.3"] == pytest.approx(1.3)  # replays on their own resources: the main job is all FP8
-    assert default["compute_1.3"] == pytest.approx(60 / (60 / 1.3 + 25))
-
-
-@pytest.mark.slow
 def test_detection_quality(tmp_path):
     result = bench("detection_quality", tmp_path, "--seeds", "1", "--steps", "40", "--scenarios", "noscale",
                    "--model", "model.num_layers=1", "model.d_model=32", "model.seq_len=32", "batch_size=4",
@@ -88,14 +79,3 @@ def test_controller_scaling(tmp_path):
     assert row["judge_calls"] <= row["num_verifications"]  # timed only while the main job still trains
     assert row["decision_point_calls"] > 0 and row["schedule_replays_early_us"] > 0
 
-
-@pytest.mark.slow
-def test_overhead(tmp_path):
-    result = bench("overhead", tmp_path, "--rounds", "1", "--steps", "30", "--blocking-sizes",
-                   "--set", "model.num_layers=1", "--set", "model.d_model=32", "--set", "model.seq_len=32",
-                   "--set", "batch_size=4")
-    train, run, ratio = result["rows"]
-    assert run["verification_cost"] == pytest.approx(25 / 30)  # one 25-step window from step 0
-    for key in ("process_s", "wall_s", "median_step_s"):
-        assert ratio[key] == pytest.approx(run[key] / train[key])  # one round: the ratio of that round
-    assert result["blocking"] == []
