@@ -9,20 +9,19 @@ for the previous save) plus, for async, a save still running when the round ends
 next checkpoint). Steps that overlap a background save are timed too: "interval s" is the loop's wall
 time for one checkpoint and the `--every` steps after it, the figure that shows what async really saves.
 
-    python bench/checkpoint_blocking.py [--rounds 3] [--every 3] [--checkpoints 2]
+    python bench/checkpoint_blocking.py [--rounds 3] [--every 3] [--checkpoints 2] [--sizes ...]
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import statistics
 import tempfile
 import time
 from pathlib import Path
 
 import torch
+from common import print_table, write_result
 
 from shadow.checkpoint import AsyncPersister, CommitInfo, SyncPersister, open_store
 from shadow.config import load_job
@@ -53,23 +52,18 @@ def _round(trainer: Trainer, persister, every: int, checkpoints: int) -> dict:
             "bytes": commits[-1].num_bytes}
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--every", type=int, default=3, help="steps between checkpoints")
-    parser.add_argument("--checkpoints", type=int, default=2, help="checkpoints per round and persister")
-    parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "checkpoint_blocking.json"))
-    args = parser.parse_args()
+def measure(sizes: dict[str, list[str]], rounds: int, every: int, checkpoints: int) -> list[dict]:
+    """Rows of blocking per checkpoint, sync and async, for each model size (also used by overhead.py)."""
     rows = []
-    for label, overrides in SIZES.items():
+    for label, overrides in sizes.items():
         trainer = Trainer(load_job(str(TINY_JOB), overrides))
         trainer.train_step()  # warm-up
         samples = {mode: {"step_s": [], "block_s": [], "persist_s": []} for mode in PERSISTERS}
         with tempfile.TemporaryDirectory() as root:
-            for _ in range(args.rounds):
+            for _ in range(rounds):
                 for mode, persister_type in PERSISTERS.items():
                     persister = persister_type(open_store(root, mode, keep_last=1))
-                    measured = _round(trainer, persister, args.every, args.checkpoints)
+                    measured = _round(trainer, persister, every, checkpoints)
                     checkpoint_bytes = measured.pop("bytes")
                     for key, values in measured.items():
                         samples[mode][key] += values
@@ -78,23 +72,32 @@ def main() -> None:
             step_s, block_s = statistics.mean(sample["step_s"]), statistics.mean(sample["block_s"])
             rows.append({"model": label, "params": params, "checkpoint_mb": checkpoint_bytes / 1e6, "persist": mode,
                          "mean_step_s": step_s, "mean_block_s": block_s, "max_block_s": max(sample["block_s"]),
-                         "block_over_step": block_s / step_s, "interval_s": args.every * step_s + block_s,
+                         "block_over_step": block_s / step_s, "interval_s": every * step_s + block_s,
                          "mean_persist_s": statistics.mean(sample["persist_s"]),
                          "num_checkpoints": len(sample["block_s"])})
         print(f"measured {label}", flush=True)
-    header = (f"{'model':<24} {'params':>11} {'ckpt MB':>8} {'persist':>7} {'step s':>7} {'block s':>8} "
-              f"{'max blk s':>9} {'block/step':>10} {'interval s':>10} {'save s':>7}")
-    print(header)
-    for r in rows:
-        print(f"{r['model']:<24} {r['params']:>11,} {r['checkpoint_mb']:>8.1f} {r['persist']:>7} "
-              f"{r['mean_step_s']:>7.3f} {r['mean_block_s']:>8.4f} {r['max_block_s']:>9.4f} "
-              f"{r['block_over_step']:>10.4f} {r['interval_s']:>10.3f} {r['mean_persist_s']:>7.3f}")
-    result = {"benchmark": "checkpoint_blocking", "machine": platform.processor() or platform.machine(),
-              "torch": torch.__version__, "threads": torch.get_num_threads(), "every": args.every,
-              "checkpoints_per_round": args.checkpoints, "rounds": args.rounds, "rows": rows,
-              "time_unix": round(time.time())}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
+    return rows
+
+
+COLUMNS = [("model", "model", ""), ("params", "params", ","), ("checkpoint_mb", "ckpt MB", ".1f"),
+           ("persist", "persist", ""), ("mean_step_s", "step s", ".3f"), ("mean_block_s", "block s", ".4f"),
+           ("max_block_s", "max blk s", ".4f"), ("block_over_step", "block/step", ".4f"),
+           ("interval_s", "interval s", ".3f"), ("mean_persist_s", "save s", ".3f")]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--every", type=int, default=3, help="steps between checkpoints")
+    parser.add_argument("--checkpoints", type=int, default=2, help="checkpoints per round and persister")
+    parser.add_argument("--sizes", nargs="*", default=list(SIZES), help="subset of %(default)s")
+    parser.add_argument("--out")
+    args = parser.parse_args()
+    rows = measure({k: SIZES[k] for k in args.sizes}, args.rounds, args.every, args.checkpoints)
+    print_table(COLUMNS, rows)
+    write_result("checkpoint_blocking", {"torch": torch.__version__, "threads": torch.get_num_threads(),
+                                         "every": args.every, "checkpoints_per_round": args.checkpoints,
+                                         "rounds": args.rounds, "rows": rows}, args.out)
 
 
 if __name__ == "__main__":

@@ -9,13 +9,10 @@ process (so machine noise hits both alike); the table reports medians and their 
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import statistics
-import time
-from pathlib import Path
 
 import torch
+from common import print_table, write_result
 
 from shadow.config import load_job
 from shadow.trainer import Trainer
@@ -35,10 +32,11 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--steps-per-round", type=int, default=4)
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "emulation_cost.json"))
+    parser.add_argument("--sizes", nargs="*", default=list(SIZES), help="subset of %(default)s")
+    parser.add_argument("--out")
     args = parser.parse_args()
     rows = []
-    for label, overrides in SIZES.items():
+    for label, overrides in {k: SIZES[k] for k in args.sizes}.items():
         trainers = {}
         for mode in ("bf16", "fp8"):
             job = load_job(None, overrides + [f"precision.mode={mode}", f"resources.cpus_per_rank={args.threads}"])
@@ -51,15 +49,10 @@ def main() -> None:
         params = sum(p.numel() for p in trainers["bf16"].model.parameters())
         bf16, fp8 = statistics.median(times["bf16"]), statistics.median(times["fp8"])
         rows.append({"model": label, "params": params, "bf16_step_s": bf16, "fp8_step_s": fp8, "fp8_over_bf16": fp8 / bf16})
-    print(f"{'model':<14} {'params':>10} {'bf16 s/step':>12} {'fp8 s/step':>11} {'fp8/bf16':>9}")
-    for row in rows:
-        print(f"{row['model']:<14} {row['params']:>10,} {row['bf16_step_s']:>12.3f} {row['fp8_step_s']:>11.3f} "
-              f"{row['fp8_over_bf16']:>9.2f}")
-    result = {"benchmark": "emulation_cost", "machine": platform.processor() or platform.machine(),
-              "torch": torch.__version__, "threads": args.threads, "rows": rows,
-              "time_unix": round(time.time())}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
+    print_table([("model", "model", ""), ("params", "params", ","), ("bf16_step_s", "bf16 s/step", ".3f"),
+                 ("fp8_step_s", "fp8 s/step", ".3f"), ("fp8_over_bf16", "fp8/bf16", ".2f")], rows)
+    write_result("emulation_cost", {"torch": torch.__version__, "threads": args.threads, "rounds": args.rounds,
+                                    "steps_per_round": args.steps_per_round, "rows": rows}, args.out)
 
 
 if __name__ == "__main__":

@@ -15,8 +15,6 @@
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import socket
 import statistics
 import tempfile
@@ -24,6 +22,7 @@ import time
 from pathlib import Path
 
 import ray
+from common import FAST, REPO, write_result
 
 from shadow.config import load_job, to_yaml
 from shadow.config.policy import load_policy
@@ -34,8 +33,6 @@ from shadow.rundir import RunDir, read_trajectory
 from shadow.tracking import tracker as tracker_module
 from shadow.tracking.tracker import MlflowTracker
 
-REPO = Path(__file__).resolve().parents[1]
-FAST = ["model.num_layers=2", "model.d_model=64", "model.seq_len=64", "batch_size=8"]
 
 
 class Timed(RunCallback):
@@ -131,7 +128,8 @@ def _dead_uri() -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "tracking_cost.json"))
+    parser.add_argument("--synthetic-steps", type=int, default=2000)
+    parser.add_argument("--out")
     args = parser.parse_args()
 
     ray.init(address="local", num_cpus=4, include_dashboard=False, configure_logging=False, log_to_driver=False)
@@ -153,11 +151,12 @@ def main() -> None:
     tracker_module.CLOSE_TIMEOUT_S = 0.0
     dead = _dead_uri()
     costs = [
-        callback_cost("RunDirWriter (reference)", lambda d: RunDirWriter(RunDir(d)), 0.0),
+        callback_cost("RunDirWriter (reference)", lambda d: RunDirWriter(RunDir(d)), 0.0, args.synthetic_steps),
         callback_cost("MlflowTracker, sqlite", lambda d: MlflowTracker(d, experiment="bench",
-                                                                      tracking_uri=f"sqlite:///{d}/m.db"), 120.0),
+                                                                      tracking_uri=f"sqlite:///{d}/m.db"), 120.0,
+                      args.synthetic_steps),
         callback_cost("MlflowTracker, server down", lambda d: MlflowTracker(d, experiment="bench", tracking_uri=dead),
-                      0.0),
+                      0.0, args.synthetic_steps),
     ]
 
     print("real runs (fault job, small model): wall time and median main-job step time")
@@ -176,13 +175,9 @@ def main() -> None:
     for row in costs:
         rate = f"{row['metrics_per_s_sent']:>11,.0f}" if row["metrics_per_s_sent"] else f"{'-':>11}"
         print(f"{row['callback']:<34}{row['per_call_us']:>9.1f}{row['per_step_us']:>9.1f}{row['drain_s']:>9.2f}{rate}")
-    result = {"benchmark": "tracking_cost", "machine": platform.processor() or platform.machine(),
-              "real_runs": runs, "ratios": {"wall_per_row": wall_ratio, "median_step_time": step_ratio},
+    write_result("tracking_cost", {"real_runs": runs, "ratios": {"wall_per_row": wall_ratio, "median_step_time": step_ratio},
               "tracker_loop_s_median": tracked_loop_s, "tracker_finish_s_median": tracked_finish_s,
-              "synthetic": costs, "time_unix": round(time.time())}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
-    print(f"\nwritten: {args.out}")
+                                   "synthetic": costs}, args.out)
 
 
 if __name__ == "__main__":

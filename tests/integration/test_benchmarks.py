@@ -1,0 +1,81 @@
+"""Benchmarks run at a tiny size and write the JSON their table comes from. Not benchmarks: the figures
+here mean nothing; the tests check that the commands work and that their rows hold together.
+
+`overhead.py`, `verification_cost.py` and `tracking_cost.py` are not run here, to keep this module
+under a minute: each would add a `shadow run` (a Ray start, ~25 s) to a path the detection-quality
+test already takes (`shadow train` and `shadow run` in subprocesses, their summaries read back)."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO
+
+
+def bench(name: str, tmp_path, *args: str) -> dict:
+    out = tmp_path / f"{name}.json"
+    env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    done = subprocess.run([sys.executable, str(REPO / "bench" / f"{name}.py"), *args, "--out", str(out)],
+                          capture_output=True, text=True, cwd=REPO, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert result["benchmark"] == name and "cores" in result["machine"]
+    return result
+
+
+def test_emulation_cost(tmp_path):
+    result = bench("emulation_cost", tmp_path, "--sizes", "tiny (4x128)", "--rounds", "1", "--steps-per-round", "1")
+    (row,) = result["rows"]
+    assert row["params"] == 869_504
+    assert row["fp8_over_bf16"] == pytest.approx(row["fp8_step_s"] / row["bf16_step_s"])
+
+
+def test_checkpoint_blocking(tmp_path):
+    result = bench("checkpoint_blocking", tmp_path, "--sizes", "tiny (4x128)", "--rounds", "1", "--every", "1",
+                   "--checkpoints", "1")
+    assert [r["persist"] for r in result["rows"]] == ["sync", "async"]
+    for row in result["rows"]:
+        assert row["num_checkpoints"] == 1 and row["checkpoint_mb"] > 1
+        assert row["block_over_step"] == pytest.approx(row["mean_block_s"] / row["mean_step_s"])
+
+
+def test_gpu_throughput_skips_cleanly_without_a_gpu(tmp_path):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present: the benchmark would run for real")
+    done = subprocess.run([sys.executable, str(REPO / "bench" / "gpu_throughput.py"), "--out", str(tmp_path / "g.json")],
+                          capture_output=True, text=True, cwd=REPO)
+    assert done.returncode == 0 and "skipped, no CUDA GPU" in done.stdout
+    assert not (tmp_path / "g.json").exists()
+
+
+@pytest.mark.slow
+def test_detection_quality(tmp_path):
+    result = bench("detection_quality", tmp_path, "--seeds", "1", "--steps", "40", "--scenarios", "noscale",
+                   "--model", "model.num_layers=1", "model.d_model=32", "model.seq_len=32", "batch_size=4",
+                   "--policy-set", "verify.every_n_steps=20", "--policy-set", "verify.window_steps=10")
+    (row,) = result["rows"]
+    assert row["degraded"] == (row["unguarded_gap"] > result["switch_threshold"])  # truth from `shadow train` only
+    assert row["verdicts"], "the guarded run verified at least one window"
+    if not row["switched"]:  # a guarded run that never switched is the unguarded run, bit for bit
+        assert row["guarded_eval"] == row["fp8_eval"]
+    else:
+        assert row["latency"] == row["switch_step"] - row["onset"]
+    (table,) = result["table"]
+    assert table["scenario"] == "noscale" and table["runs"] == 1
+
+
+@pytest.mark.slow
+def test_controller_scaling(tmp_path):
+    result = bench("controller_scaling", tmp_path, "--lengths", "200", "--concurrency", "1", "--every", "50")
+    (row,) = result["rows"]
+    assert row["steps"] == 200 and row["concurrency"] == row["max_in_flight"] == 1
+    # windows from the checkpoints at 0, 50, 100, 150; spans the replays fell behind on are skipped
+    assert 1 <= row["num_verifications"] <= 4
+    assert row["judge_calls"] <= row["num_verifications"]  # timed only while the main job still trains
+    assert row["decision_point_calls"] > 0 and row["schedule_replays_early_us"] > 0
+
