@@ -26,6 +26,10 @@ class RunCallback:
     def on_policy(self, version: int, policy_yaml: str) -> None:
         """A policy version came into force (1 at the start, then one per accepted reload)."""
 
+    def on_ending(self) -> None:
+        """The run is about to end and events can still be written: settle background work whose
+        outcome belongs in the event log."""
+
     def on_finish(self, summary: dict) -> None:
         """The run ended (finished, failed or interrupted) with this summary."""
 

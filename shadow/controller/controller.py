@@ -115,6 +115,8 @@ class Controller(CommitsMixin, VerificationMixin, DecisionsMixin):
             failure = exc
             self._safely(lambda: self._transition(Phase.FAILED, f"{type(failure).__name__}: {failure}"))
         self._safely(self._release)
+        for callback in self.callbacks:
+            self._safely(callback.on_ending)
         summary = self._summary()
         self._safely(lambda: self.emit("run_finished", phase=self.phase.value, final_step=summary["final_step"]))
         for callback in self.callbacks:

@@ -74,6 +74,7 @@ class MlflowTracker(RunCallback):
                                        **({"run_dir_id": stored.run_dir_id} if stored else {}))
             self.state.save(self.run_dir)
         self.resumed = resumed
+        self._close_deadline: float | None = None  # set when the run starts ending
         self.num_callback_errors = 0
         self.spool = Spool(self.run_dir)
         self._reports: queue.SimpleQueue = queue.SimpleQueue()
@@ -164,6 +165,16 @@ class MlflowTracker(RunCallback):
         self._op("artifact", MAIN, path=f"policy-v{version}.yaml", dir="policy")
 
     @_never_fails
+    def on_ending(self) -> None:
+        """After an outage, give the backlog its chance to go out while events.jsonl is still open, so
+        a recovery in the run's last seconds is a `tracking_restored` event like any other. The wait
+        comes out of the run's one `CLOSE_TIMEOUT_S` budget for tracking at the end."""
+        self._close_deadline = time.monotonic() + CLOSE_TIMEOUT_S
+        if self.worker.degraded_since is not None:
+            self.worker.wait_sent(CLOSE_TIMEOUT_S)
+        self._deliver_reports()
+
+    @_never_fails
     def on_finish(self, summary: dict) -> None:
         self._deliver_reports()
         now = _now_ms()
@@ -174,7 +185,8 @@ class MlflowTracker(RunCallback):
             self._op("artifact", MAIN, path=name, dir=folder)
         self._op("end_run", MAIN, status=_RUN_STATUS.get(summary.get("phase"), "FINISHED"), time_ms=_now_ms())
         self.spool.sync()
-        left = self.worker.close(CLOSE_TIMEOUT_S)
+        deadline = self._close_deadline or time.monotonic() + CLOSE_TIMEOUT_S
+        left = self.worker.close(max(1.0, deadline - time.monotonic()))
         self.spool.close()
         if left:
             print(f"tracking: {left} operation(s) not yet in MLflow at {self.uri_for_humans}; they are kept in "

@@ -42,6 +42,16 @@ class TrackingWorker:
     def start(self) -> None:
         self._thread.start()
 
+    def wait_sent(self, timeout_s: float) -> bool:
+        """Retry now and wait, at most `timeout_s`, until the spool has gone out; whether it has."""
+        deadline = time.monotonic() + timeout_s
+        self._wake.set()
+        while time.monotonic() < deadline:
+            if self.degraded_since is None and self.spool.num_pending() == 0:
+                return True
+            time.sleep(0.05)
+        return False
+
     def close(self, timeout_s: float) -> int:
         """Send what is pending, waiting at most `timeout_s`; returns the number of ops left in the spool."""
         self._deadline = time.monotonic() + timeout_s
