@@ -31,17 +31,18 @@ def _kinds(events, kind):
 
 @pytest.mark.slow
 def test_healthy_tiny_job_verifies_and_never_switches(tmp_path):
-    code, out, summary, events = _run(tmp_path, "healthy", "--job", str(REPO / "jobs/tiny.yaml"))
+    # 225 steps still hold the default cadence's three windows ([0, 25), [100, 125), [200, 225))
+    code, out, summary, events = _run(tmp_path, "healthy", "--job", str(REPO / "jobs/tiny.yaml"), "--set", "steps=225")
     assert code == 0 and summary["phase"] == "finished"
-    assert summary["final_step"] == 300 and summary["steps_fp8"] == 300
+    assert summary["final_step"] == 225 and summary["steps_fp8"] == 225
     assert summary["num_verifications"] >= 3
     assert summary["num_switches"] == 0
     assert all(v["level"] == "clean" for v in summary["verdicts"]), summary["verdicts"]
     for key in ("final_loss", "steps_bf16", "verdicts", "verification_cost", "wall_s", "effective_speedup"):
         assert key in summary
-    assert summary["verification_cost"] == pytest.approx(25 * summary["num_verifications"] / 300)
+    assert summary["verification_cost"] == pytest.approx(25 * summary["num_verifications"] / 225)
     kept, discarded = read_history(out)
-    assert [r.step for r in kept] == list(range(300)) and not discarded
+    assert [r.step for r in kept] == list(range(225)) and not discarded
     assert len(list((out / "replays").glob("*.jsonl"))) == summary["num_verifications"]
 
 
