@@ -118,16 +118,19 @@ class TimedController(Controller):
 
 
 def pure_calls(num_checkpoints: int, every_steps: int = 50, repeats: int = 20) -> dict:
-    """The brain alone at a given history size: `due_replays` with `num_checkpoints` committed
-    checkpoints (checkpoint.keep: 0 keeps all) and half as many settled windows; `decide` with as many
-    earlier verdicts, under a policy that watches the trend (`trend_windows: 3`)."""
+    """The brain alone at a given history size, called as the controller calls it: `due_replays` with
+    `num_checkpoints` committed checkpoints (checkpoint.keep: 0 keeps all) and the newest settled window
+    per purpose; `decide` in the state left by as many earlier verification windows as the run had, under
+    a policy that watches the trend (`trend_windows: 3`)."""
     policy = load_policy(str(REPO / "policies/default.yaml"), ["thresholds.trend_windows=3"])
     main_step = num_checkpoints * every_steps
-    committed = set(range(0, main_step + 1, every_steps))
-    settled = [ReplayRequest(s, 25, "bf16", Purpose.VERIFY) for s in range(0, main_step - 200, 100)]
-    verdicts = [_verdict(s) for s in range(0, max(main_step - 200, 100), 100)]
-    new = _verdict(main_step - 100)
+    committed = list(range(0, main_step + 1, every_steps))
     state = PolicyState()
+    earlier = range(0, max(main_step - 200, 100), 100)
+    for start in earlier:
+        state = decide(policy, state, _verdict(start), main_step=start + 25).state
+    settled = [ReplayRequest(max(earlier), 25, "bf16", Purpose.VERIFY)]
+    new = _verdict(main_step - 100)
     timings = {"due_replays": [], "decide": []}
     for _ in range(repeats):
         started = time.perf_counter()
@@ -135,9 +138,9 @@ def pure_calls(num_checkpoints: int, every_steps: int = 50, repeats: int = 20) -
                     total_steps=main_step + 1000, settled=settled)
         timings["due_replays"].append(time.perf_counter() - started)
         started = time.perf_counter()
-        decide(policy, state, verdicts, new, main_step=main_step)
+        decide(policy, state, new, main_step=main_step)
         timings["decide"].append(time.perf_counter() - started)
-    return {"checkpoints": num_checkpoints, "verdicts": len(verdicts),
+    return {"checkpoints": num_checkpoints, "verdicts": len(earlier),
             **{f"{k}_us": median(v) * 1e6 for k, v in timings.items()}}
 
 

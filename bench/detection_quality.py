@@ -14,7 +14,7 @@ switch threshold (as a fraction of the BF16 loss), *healthy* otherwise. Then:
 BF16 numerics do not depend on the FP8 settings, so the four scenarios at the job's learning rate share
 one BF16 baseline per seed (the 10x learning-rate scenario has its own).
 
-    python bench/detection_quality.py [--seeds 5] [--steps 300] [--policy policies/default.yaml]
+    python bench/detection_quality.py [--seeds 5] [--steps 300] [--policy policies/default.yaml] [--model ...]
 """
 
 from __future__ import annotations
@@ -83,8 +83,10 @@ def main() -> None:
     parser.add_argument("--policy-set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a policy setting (passed on to `shadow run`)")
     parser.add_argument("--scenarios", nargs="*", default=list(scenarios(300, 0)), help="subset (default: all)")
-    parser.add_argument("--model", nargs="*", default=FAST, help="model-size overrides (default: %(default)s)")
-    parser.add_argument("--parallel", type=int, default=2, help="`shadow train` runs at once (one thread each)")
+    parser.add_argument("--model", nargs="*", default=[],
+                        help=f"model-size overrides (default: the job's own, 4x128; tests use {' '.join(FAST)})")
+    parser.add_argument("--parallel", type=int, default=2, help="`shadow` commands at once (a thread each; "
+                        "a guarded run's replays take a second one a quarter of the time)")
     parser.add_argument("--out")
     args = parser.parse_args()
     policy = load_policy(str(REPO / args.policy), args.policy_set)
@@ -108,31 +110,38 @@ def main() -> None:
             futures = {key: pool.submit(shadow_cmd, *value) for key, value in trains.items()}
             summaries = {key: future.result() for key, future in futures.items()}
 
-        rows = []
-        for seed in range(args.seeds):
-            seeded = base + [f"seed={seed}", f"data.seed={seed}"]
-            for name, (overrides, onset) in chosen(args, seed).items():
-                lr = tuple(o for o in overrides if o.startswith("optim."))
-                bf16 = summaries[("bf16", lr, seed)]["final_eval_loss"]
-                fp8 = summaries[("fp8", name, seed)]["final_eval_loss"]
-                out = root / f"run-{seed}-{len(rows)}"
-                policy_sets = [a for o in args.policy_set for a in ("--policy-set", o)]
-                guarded = shadow_cmd(["run", "--policy", args.policy, *policy_sets], seeded + overrides, out)
-                degraded = fp8 / bf16 - 1 > threshold
-                switched_at = switch_step(out)
-                row = {"scenario": name, "seed": seed, "onset": onset, "bf16_eval": bf16, "fp8_eval": fp8,
-                       "guarded_eval": guarded["final_eval_loss"], "unguarded_gap": fp8 / bf16 - 1,
-                       "guarded_gap": guarded["final_eval_loss"] / bf16 - 1, "degraded": degraded,
-                       "switched": guarded["num_switches"] > 0, "switch_step": switched_at,
-                       "latency": switched_at - onset if switched_at is not None else None,
-                       "num_switches": guarded["num_switches"], "steps_fp8": guarded["steps_fp8"],
-                       "steps_bf16": guarded["steps_bf16"], "verification_cost": guarded["verification_cost"],
-                       "verdicts": [(v["window_start"], v["purpose"], round(v["value"], 5), v["level"])
-                                    for v in guarded["verdicts"] if v["value"] is not None]}
-                rows.append(row)
-                print(f"seed {seed} {name:<26} unguarded {row['unguarded_gap']:+.2%}  guarded "
-                      f"{row['guarded_gap']:+.2%}  {'degraded' if degraded else 'healthy '}  switch at "
-                      f"{switched_at}", flush=True)
+        guarded_runs = {}  # (scenario, seed) -> (future of the summary, run dir)
+        with ThreadPoolExecutor(args.parallel) as pool:
+            for seed in range(args.seeds):
+                seeded = base + [f"seed={seed}", f"data.seed={seed}"]
+                for name, (overrides, _) in chosen(args, seed).items():
+                    out = root / f"run-{name}-{seed}"
+                    policy_sets = [a for o in args.policy_set for a in ("--policy-set", o)]
+                    guarded_runs[(name, seed)] = (pool.submit(shadow_cmd, ["run", "--policy", args.policy, *policy_sets],
+                                                              seeded + overrides, out), out)
+            rows = []
+            for seed in range(args.seeds):
+                for name, (overrides, onset) in chosen(args, seed).items():
+                    lr = tuple(o for o in overrides if o.startswith("optim."))
+                    bf16 = summaries[("bf16", lr, seed)]["final_eval_loss"]
+                    fp8 = summaries[("fp8", name, seed)]["final_eval_loss"]
+                    future, out = guarded_runs[(name, seed)]
+                    guarded = future.result()
+                    degraded = fp8 / bf16 - 1 > threshold
+                    switched_at = switch_step(out)
+                    row = {"scenario": name, "seed": seed, "onset": onset, "bf16_eval": bf16, "fp8_eval": fp8,
+                           "guarded_eval": guarded["final_eval_loss"], "unguarded_gap": fp8 / bf16 - 1,
+                           "guarded_gap": guarded["final_eval_loss"] / bf16 - 1, "degraded": degraded,
+                           "switched": guarded["num_switches"] > 0, "switch_step": switched_at,
+                           "latency": switched_at - onset if switched_at is not None else None,
+                           "num_switches": guarded["num_switches"], "steps_fp8": guarded["steps_fp8"],
+                           "steps_bf16": guarded["steps_bf16"], "verification_cost": guarded["verification_cost"],
+                           "verdicts": [(v["window_start"], v["purpose"], round(v["value"], 5), v["level"])
+                                        for v in guarded["verdicts"] if v["value"] is not None]}
+                    rows.append(row)
+                    print(f"seed {seed} {name:<26} unguarded {row['unguarded_gap']:+.2%}  guarded "
+                          f"{row['guarded_gap']:+.2%}  {'degraded' if degraded else 'healthy '}  switch at "
+                          f"{switched_at}", flush=True)
 
     table = []
     for name in chosen(args, 0):

@@ -188,8 +188,12 @@ def compare(
 
 def trend(verdicts: Sequence[Verdict], metric: str = "mean_gap") -> Trend:
     """Is `metric` growing from window to window? Verdicts in window order, oldest first."""
-    pairs = [(v.window_start, v.metric(metric)) for v in verdicts]
-    pairs = [(start, value) for start, value in pairs if value is not None and math.isfinite(value)]
+    return trend_of([(v.window_start, v.metric(metric)) for v in verdicts])
+
+
+def trend_of(windows: Sequence[tuple[int, float | None]]) -> Trend:
+    """`trend` from (window start, metric value) pairs in window order; missing values are left out."""
+    pairs = [(start, value) for start, value in windows if value is not None and math.isfinite(value)]
     starts = tuple(start for start, _ in pairs)
     values = tuple(value for _, value in pairs)
     growing = len(values) >= 2 and all(b > a for a, b in zip(values, values[1:]))

@@ -45,6 +45,7 @@ class RunReport:
     decisions: list[dict]  # `decision` events
     rollbacks: list[dict]  # `rollback`, `replay_adopted` and `main_restarted` events: rows discarded
     thresholds: dict[str, float] = field(default_factory=dict)  # warn / switch of the first policy
+    two_sided: bool = False  # the first policy also judges gaps in FP8's favour by their size
     metric: str = "rel_mean_gap"
 
 
@@ -72,6 +73,7 @@ def load_report(run_dir: str | os.PathLike) -> RunReport:
     if policy_path.exists():
         policy = yaml.safe_load(policy_path.read_text()) or {}
         report.thresholds = {k: v for k, v in (policy.get("thresholds") or {}).items() if k in ("warn", "switch")}
+        report.two_sided = bool((policy.get("thresholds") or {}).get("two_sided", False))
         report.metric = (policy.get("compare") or {}).get("metric", report.metric)
     return report
 
@@ -120,12 +122,15 @@ def render_png(run_dir: str | os.PathLike, out: str | os.PathLike, report: RunRe
     loss_ax.legend(handles=handles, loc="upper right", fontsize=8, ncol=2)
     gap_ax.axhline(0.0, color="#444444", lw=0.6)
     for name, value in report.thresholds.items():
-        gap_ax.axhline(value, ls="--", lw=0.8, color=LEVEL_COLOURS["warn" if name == "warn" else "violation"],
-                       label=f"{name} {value:g}")
+        colour = LEVEL_COLOURS["warn" if name == "warn" else "violation"]
+        gap_ax.axhline(value, ls="--", lw=0.8, color=colour, label=f"{name} {'±' if report.two_sided else ''}{value:g}")
+        if report.two_sided:
+            gap_ax.axhline(-value, ls="--", lw=0.8, color=colour)
     # symlog: the thresholds (~1e-2) and a violation ten times larger both readable
     linthresh = min(report.thresholds.values(), default=1e-3)
     values = [v["value"] for v in report.verdicts if isinstance(v.get("value"), (int, float))
               and math.isfinite(v["value"])] + list(report.thresholds.values())
+    values += [-v for v in report.thresholds.values()] if report.two_sided else []
     gap_ax.set_yscale("symlog", linthresh=linthresh)
     gap_ax.set_ylim(min([-linthresh, *values]) * 3, max([linthresh, *values]) * 3)
     gap_ax.set_ylabel(report.metric)

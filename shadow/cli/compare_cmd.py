@@ -44,7 +44,7 @@ def run(args: argparse.Namespace) -> int:
     state = PolicyState(machine=Machine.BF16_FALLBACK if purpose_of(verdict) is Purpose.PROBE else Machine.FP8,
                         noise_floor=0.0 if policy.noise.enabled else None)
     main_step = max(r.step for r in main_records) if main_records else verdict.window_end
-    outcome = decide(policy, state, [], verdict, main_step=main_step)
+    outcome = decide(policy, state, verdict, main_step=main_step)
     print(f"policy {args.policy or '(defaults)'}: from state {state.machine.value}"
           + (" (noise floor taken as 0)" if policy.noise.enabled else ""))
     for decision in outcome.decisions:

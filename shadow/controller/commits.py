@@ -35,7 +35,7 @@ class CommitsMixin:
             raise ControllerError(
                 f"{self.checkpoint_failures_in_row} checkpoint saves failed in a row (run.max_checkpoint_failures="
                 f"{limit}); last error: {payload['error']}. The last committed checkpoint is step "
-                f"{max(self.committed, default=None)}; fix the store and continue with `shadow run --resume`")
+                f"{self.committed.newest()}; fix the store and continue with `shadow run --resume`")
 
     def _on_commit(self, info: dict) -> None:
         self.committed.add(info["step"])

@@ -19,7 +19,7 @@ from dataclasses import replace
 import ray
 
 from shadow.checkpoint import open_store
-from shadow.compare import Verdict
+from shadow.controller.committed import CommittedSteps
 from shadow.config.job import JobConfig
 from shadow.config.loader import to_yaml
 from shadow.config.policy import Policy
@@ -34,7 +34,7 @@ from shadow.controller.resume import ResumePoint
 from shadow.controller.state import ALLOWED, Phase, RunState
 from shadow.controller.summary import build_summary
 from shadow.controller.verification import VerificationMixin
-from shadow.policy import PolicyState, ReplayRequest, TriggerState
+from shadow.policy import PolicyState, Purpose, ReplayRequest, TriggerState
 from shadow.records import StepRecord
 
 
@@ -53,8 +53,7 @@ class Controller(CommitsMixin, VerificationMixin, DecisionsMixin):
             policy_state=PolicyState().to_dict(), precision=job.precision.mode.value)
         self.history: dict[int, StepRecord] = {r.step: r for r in resume.history} if resume else {}
         self.trained: list[StepRecord] = list(resume.trained) if resume else []
-        self.committed: set[int] = set(resume.committed) if resume else set()
-        self.verdicts: list[Verdict] = list(resume.verdicts) if resume else []
+        self.committed = CommittedSteps(resume.committed if resume else ())
         self.verdict_rows: list[dict] = list(resume.verdict_rows) if resume else []
         self.replay_steps: dict[str, int] = dict(resume.replay_steps) if resume else {}
         self.num_replays = resume.num_replays if resume else 0
@@ -73,6 +72,8 @@ class Controller(CommitsMixin, VerificationMixin, DecisionsMixin):
         self.rollback_pin: int | None = None
         self.checkpoint_failures_in_row = 0
         self.settled: list[ReplayRequest] = []  # windows of this regime already replayed or given up
+        # the newest of them per purpose: all scheduling needs (its high-water marks only move forward)
+        self.settled_latest: dict[Purpose, ReplayRequest] = {}
         self.started = time.perf_counter()
 
     # ----------------------------------------------------------------------------- events
@@ -152,7 +153,7 @@ class Controller(CommitsMixin, VerificationMixin, DecisionsMixin):
                 self._on_checkpoint_events([commit.to_event()])
         except Exception as exc:  # the main trainer is gone: the last committed checkpoint stands
             self.emit("final_checkpoint_failed", error=f"{type(exc).__name__}: {exc}",
-                      last_committed=max(self.committed, default=None))
+                      last_committed=self.committed.newest())
 
     def _start_main(self) -> None:
         self._check_replay_layout()

@@ -37,7 +37,7 @@ class DecisionsMixin:
             self._judge(replay)
 
     def _judge(self, replay: Replay) -> None:
-        self.settled.append(replay.request)
+        self._settle(replay.request)
         window = range(replay.request.start_step, replay.request.start_step + replay.request.num_steps)
         main_rows = [self.history[s] for s in window if s in self.history]
         main_eval = main_rows[-1].eval_loss if main_rows and main_rows[-1].step == window[-1] else None
@@ -45,8 +45,7 @@ class DecisionsMixin:
                           ignore_first_steps=self.policy.compare.ignore_first_steps,
                           end_fraction=self.policy.compare.end_fraction,
                           main_eval_loss=main_eval, replay_eval_loss=replay.result.eval_loss)
-        outcome = decide(self.policy, self.policy_state, self.verdicts, verdict, main_step=self.main_step)
-        self.verdicts.append(verdict)
+        outcome = decide(self.policy, self.policy_state, verdict, main_step=self.main_step)
         self.state = replace(self.state, policy_state=outcome.state.to_dict())
         metric = self.policy.compare.metric.value
         level = next((d.payload.get("level") for d in outcome.decisions if "level" in d.payload), "not judged")
@@ -82,7 +81,7 @@ class DecisionsMixin:
         old = self.state.precision
         self.state = replace(self.state, precision=precision, regime=self.state.regime + 1,
                              num_switches=self.state.num_switches + (precision != old))
-        self.settled, self.triggered = [], []
+        self.settled, self.settled_latest, self.triggered = [], {}, []
         self.main.call("set_precision", precision)
         self.emit("precision_switched", old=old, new=precision, step=self.main_step, reason=decision.reason,
                   state=self.state.to_dict())
@@ -95,7 +94,7 @@ class DecisionsMixin:
         self.state = replace(self.state, precision="bf16", regime=self.state.regime + 1,
                              lineage=self.state.lineage + 1, restore_step=step, restore_run=run,
                              num_switches=self.state.num_switches + (old_precision != "bf16"))
-        self.settled, self.triggered = [], []
+        self.settled, self.settled_latest, self.triggered = [], {}, []
         self.emit(kind, old_step=old_step, new_step=step, discarded=[min(step, keep_committed_upto), old_step],
                   reason=decision.reason, state=self.state.to_dict())
         if old_precision != "bf16":
@@ -105,8 +104,7 @@ class DecisionsMixin:
         self.main_step = self.main.call("restore", self.store_uri, run, step, "bf16")
         for s in [s for s in self.history if s >= keep_committed_upto]:
             del self.history[s]
-        abandoned = sorted(s for s in self.committed if s > keep_committed_upto)
-        self.committed -= set(abandoned)
+        abandoned = self.committed.drop_after(keep_committed_upto)
         for s in abandoned:  # the old branch's checkpoints must not count as latest or for retention
             try:
                 self.store.delete(s)

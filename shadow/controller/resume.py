@@ -2,8 +2,8 @@
 
 The event log is the source of truth: the last event carrying a `state` holds the policy state,
 precision, lineage and regime consistent with every decision logged before it; `checkpoint_committed`
-events say which checkpoints belong to the current lineage; `verdict` events rebuild the verdict
-history. The main job continues from the newest checkpoint of its lineage that the store can load,
+events say which checkpoints belong to the current lineage; `verdict` events rebuild the summary's
+verdict rows. The main job continues from the newest checkpoint of its lineage that the store can load,
 in a new lineage, so rows the dead driver wrote after that checkpoint become discarded history.
 """
 
@@ -13,7 +13,6 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from shadow.checkpoint import CheckpointError, StorageError, open_store
-from shadow.compare import Verdict
 from shadow.controller.state import RunState
 from shadow.records import StepRecord
 from shadow.rundir import read_events, read_history, read_trajectory
@@ -33,7 +32,6 @@ class ResumePoint:
     rejected: list[tuple[int, str]]  # newer checkpoints of the lineage that failed verification, and why
     trained: list[StepRecord]  # every row the main job trained
     committed: set[int]
-    verdicts: list[Verdict]
     verdict_rows: list[dict]
     trigger_rows: list[dict]
     replay_steps: dict[str, int]
@@ -83,7 +81,6 @@ def load_resume_point(run_dir: str | Path, run: str, store_uri: str, job_hash: s
         rejected=rejected,
         trained=read_trajectory(run_dir),
         committed={s for s in lineage_commits if s <= restore_step},
-        verdicts=[Verdict.from_dict(e["verdict"]) for e in verdict_events],
         verdict_rows=[{k: v for k, v in e.items() if k not in ("event", "time_unix", "verdict")}
                       for e in verdict_events],
         trigger_rows=[{k: v for k, v in e.items() if k not in ("event", "time_unix")}

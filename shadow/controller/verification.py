@@ -54,7 +54,7 @@ class VerificationMixin:
         """Replay from the latest committed checkpoint at or before `step`, through `step` (at least W
         steps), unless a verification window already covers the step."""
         window = self.policy.verify.window_steps
-        start = max((s for s in self.committed if s <= step and s + window <= self.job.steps), default=None)
+        start = self.committed.newest(at_or_before=min(step, self.job.steps - window))
         taken = [r.request for r in [*self.pool.running, *self.finished]] + self.settled + self.triggered
         covering = next((r for r in taken if r.purpose is Purpose.VERIFY
                          and r.start_step <= step < r.start_step + r.num_steps), None)
@@ -82,10 +82,17 @@ class VerificationMixin:
             in_flight.append(self.triggered.pop(0))
             self._launch_replay(in_flight[-1])
         requests = due_replays(self.policy, self.policy_state, main_step=self.main_step,
-                               committed_steps=self.committed, in_flight=in_flight + self.triggered,
-                               total_steps=self.job.steps, settled=self.settled)
+                               committed_steps=self.committed.ascending, in_flight=in_flight + self.triggered,
+                               total_steps=self.job.steps, settled=list(self.settled_latest.values()))
         for request in requests:
             self._launch_replay(request)
+
+    def _settle(self, request: ReplayRequest) -> None:
+        """A window of this regime was replayed (judged, noted or discarded) or given up: never again."""
+        self.settled.append(request)
+        latest = self.settled_latest.get(request.purpose)
+        if latest is None or request.start_step > latest.start_step:
+            self.settled_latest[request.purpose] = request
 
     def _launch_replay(self, request: ReplayRequest) -> None:
         self.num_replays += 1
@@ -151,5 +158,5 @@ class VerificationMixin:
 
     def _give_up(self, replay: Replay, reason: str) -> None:
         self._unpin(replay.request.start_step, replay.pin)
-        self.settled.append(replay.request)
+        self._settle(replay.request)
         self.emit("replay_skipped", name=replay.name, **replay.request.to_dict(), reason=reason)

@@ -11,7 +11,7 @@ from dataclasses import replace
 from enum import Enum
 from typing import Sequence
 
-from shadow.compare import Verdict, VerdictKind, trend
+from shadow.compare import Verdict, VerdictKind, trend_of
 from shadow.config.policy import Mode, OnSwitch, Policy, ThresholdsConfig
 from shadow.policy.noise import effective_thresholds, noise_value
 from shadow.policy.state import (ACTIONS, Decision, DecisionKind, Decisions, Machine, PolicyState,
@@ -36,13 +36,11 @@ def purpose_of(verdict: Verdict) -> Purpose | None:
     return None
 
 
-def decide(policy: Policy, state: PolicyState, history: Sequence[Verdict], verdict: Verdict, *,
-           main_step: int) -> Decisions:
+def decide(policy: Policy, state: PolicyState, verdict: Verdict, *, main_step: int) -> Decisions:
     """Judge `verdict` and return the new state and decisions.
 
-    `history`: earlier verdicts of this run, any order (used for the trend across windows).
     `main_step`: the main job's step at this decision point; a switch that continues forward starts
-    there.
+    there. Everything else the policy remembers is in `state`, so a call costs the same at any run length.
     """
     window = f"window [{verdict.window_start}, {verdict.window_end})"
     if state.machine is Machine.BF16_FOREVER:
@@ -77,7 +75,16 @@ def decide(policy: Policy, state: PolicyState, history: Sequence[Verdict], verdi
     text = f"{window} {purpose.value}: {judged}{_missing(verdict)}"
     if purpose is Purpose.PROBE:
         return _on_probe(policy, state, level, text, payload, main_step)
-    return _on_verification(policy, state, history, verdict, level, text, payload, main_step)
+    windows = state.recent_verifications + ((verdict.window_start, payload["value"]),)
+    state = replace(state, recent_verifications=_remembered(policy, windows))
+    return _on_verification(policy, state, windows, verdict, level, text, payload, main_step)
+
+
+def _remembered(policy: Policy, windows: tuple[tuple[int, float | None], ...]) -> tuple[tuple[int, float], ...]:
+    """What the trend needs from the next window on: the last `trend_windows - 1` values (none when off)."""
+    keep = policy.thresholds.trend_windows - 1
+    values = tuple((start, value) for start, value in windows if value is not None)
+    return values[-keep:] if keep >= 1 else ()
 
 
 def _classify(policy: Policy, thresholds: ThresholdsConfig, verdict: Verdict) -> tuple[Level, str]:
@@ -91,14 +98,16 @@ def _classify(policy: Policy, thresholds: ThresholdsConfig, verdict: Verdict) ->
     value = verdict.metric(name)
     if value is None:
         return Level.UNAVAILABLE, f"{name} unavailable for this window"
-    if value > thresholds.switch:
-        return Level.VIOLATION, f"{name}={value:+.4g} > switch {thresholds.switch:g}"
-    if value > thresholds.warn:
-        return Level.WARN, f"{name}={value:+.4g} > warn {thresholds.warn:g} (switch {thresholds.switch:g})"
-    return Level.CLEAN, f"{name}={value:+.4g} within warn {thresholds.warn:g} (switch {thresholds.switch:g})"
+    size, shown = (abs(value), f"{name}={value:+.4g} (size {abs(value):.4g})") if (
+        thresholds.two_sided and value < 0) else (value, f"{name}={value:+.4g}")
+    if size > thresholds.switch:
+        return Level.VIOLATION, f"{shown} > switch {thresholds.switch:g}"
+    if size > thresholds.warn:
+        return Level.WARN, f"{shown} > warn {thresholds.warn:g} (switch {thresholds.switch:g})"
+    return Level.CLEAN, f"{shown} within warn {thresholds.warn:g} (switch {thresholds.switch:g})"
 
 
-def _on_verification(policy, state, history, verdict, level, text, payload, main_step) -> Decisions:
+def _on_verification(policy, state, windows, verdict, level, text, payload, main_step) -> Decisions:
     if level is Level.UNAVAILABLE:
         return _keep(state, DecisionKind.NOTE, text, payload)
     if level is Level.CLEAN:
@@ -113,7 +122,7 @@ def _on_verification(policy, state, history, verdict, level, text, payload, main
                 state = replace(state, machine=Machine.FP8)
             decisions.append(Decision(DecisionKind.NOTE, f"probation: {state.num_clean_probation_windows} of "
                                       f"{probation} clean windows" + ("; FP8 trusted again" if done else ""), payload))
-        return Decisions(state, tuple(decisions + _trend_warning(policy, state, history, verdict, payload)))
+        return Decisions(state, tuple(decisions + _trend_warning(policy, windows, payload)))
     if level is Level.WARN:
         state = replace(state, num_violations_in_row=0, streak_start_step=None)
         return _keep(state, DecisionKind.WARN, text, payload)
@@ -201,14 +210,13 @@ def _on_noise(policy: Policy, state: PolicyState, verdict: Verdict, window: str)
                                          "switch": scaled.switch})
 
 
-def _trend_warning(policy, state, history, verdict, payload) -> list[Decision]:
-    """WARN when the metric rose in each of the last `trend_windows` verification windows of this regime."""
+def _trend_warning(policy, windows, payload) -> list[Decision]:
+    """WARN when the metric rose in each of the last `trend_windows` verification windows of this regime.
+    `windows`: (start, value) of the latest counted ones, this one last."""
     num_windows = policy.thresholds.trend_windows
     if num_windows < 2:
         return []
-    earlier = sorted((v for v in history if purpose_of(v) is Purpose.VERIFY
-                      and state.since_step <= v.window_start < verdict.window_start), key=lambda v: v.window_start)
-    recent = trend(earlier[-(num_windows - 1):] + [verdict], policy.compare.metric.value)
+    recent = trend_of(windows[-num_windows:])
     if len(recent.values) < num_windows or not recent.growing or recent.values[-1] <= 0:
         return []
     values = ", ".join(f"{v:+.4g}" for v in recent.values)

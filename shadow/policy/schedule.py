@@ -12,7 +12,8 @@ the past, and the high-water mark never moves backwards.
 
 from __future__ import annotations
 
-from typing import Collection, Sequence
+from bisect import bisect_left, bisect_right
+from typing import Sequence
 
 from shadow.config.policy import Policy
 from shadow.policy.state import Machine, PolicyState, Purpose, ReplayRequest
@@ -23,7 +24,7 @@ def due_replays(
     state: PolicyState,
     *,
     main_step: int,
-    committed_steps: Collection[int],
+    committed_steps: Sequence[int],
     in_flight: Sequence[ReplayRequest],
     total_steps: int | None = None,
     settled: Sequence[ReplayRequest] = (),
@@ -31,21 +32,18 @@ def due_replays(
     """Replays to start now, noise windows first, at most `max_concurrent_replays - len(in_flight)`.
 
     `committed_steps`: checkpoints on the main job's current lineage (after a rollback, not the
-    abandoned ones). `total_steps`: the job's last step, so no window reaches past it. `settled`:
-    windows of this regime already replayed (judged, noted or discarded) or given up; like windows in
-    flight they are never scheduled again, but they take no concurrency slot.
+    abandoned ones), ascending. `total_steps`: the job's last step, so no window reaches past it.
+    `settled`: windows of this regime already replayed (judged, noted or discarded) or given up; like
+    windows in flight they are never scheduled again, but they take no concurrency slot. Only the
+    newest settled window per purpose matters, and only checkpoints past the high-water marks are
+    looked at, so a call costs the same at any run length.
     """
     free = policy.verify.max_concurrent_replays - len(in_flight)
     if free <= 0 or state.machine is Machine.BF16_FOREVER:
         return []
     num_steps = policy.verify.window_steps
-    usable = sorted(
-        s for s in set(committed_steps)
-        if state.since_step <= s <= main_step and (total_steps is None or s + num_steps <= total_steps)
-    )
     main_precision = "bf16" if state.machine is Machine.BF16_FALLBACK else "fp8"
-    requests = _noise_requests(policy, state, usable, in_flight, settled, main_precision)[:free]
-    free -= len(requests)
+    noise_needed, noise_high_water = _noise_needed(policy, state, in_flight, settled)
 
     if state.machine is Machine.BF16_FALLBACK:
         purpose, precision = Purpose.PROBE, "fp8"
@@ -56,6 +54,17 @@ def due_replays(
     taken = [*in_flight, *settled]
     high_water = max([state.last_window_start] + [r.start_step for r in taken if r.purpose is purpose])
     every = policy.verify.every_n_steps
+    floor = max(earliest, (high_water // every + 1) * every)  # the first span without a window
+    if noise_needed > 0:
+        floor = min(floor, noise_high_water + 1)
+    floor = max(floor, state.since_step)
+    last = main_step if total_steps is None else min(main_step, total_steps - num_steps)
+    usable = committed_steps[bisect_left(committed_steps, floor):bisect_right(committed_steps, last)]
+
+    requests = ([ReplayRequest(s, num_steps, main_precision, Purpose.NOISE)
+                 for s in [s for s in usable if s > noise_high_water][-noise_needed:]] if noise_needed > 0 else [])
+    requests = requests[:free]
+    free -= len(requests)
     first_in_span: dict[int, int] = {}
     for s in usable:
         if s >= earliest and s // every > high_water // every:
@@ -65,14 +74,13 @@ def due_replays(
     return requests
 
 
-def _noise_requests(policy: Policy, state: PolicyState, usable: list[int], in_flight: Sequence[ReplayRequest],
-                    settled: Sequence[ReplayRequest], precision: str) -> list[ReplayRequest]:
-    """Noise windows still needed, from the newest checkpoints not yet used for one."""
+def _noise_needed(policy: Policy, state: PolicyState, in_flight: Sequence[ReplayRequest],
+                  settled: Sequence[ReplayRequest]) -> tuple[int, int]:
+    """How many noise windows are still needed, and the newest checkpoint already used for one."""
     if not policy.noise.enabled or state.noise_floor is not None:
-        return []
+        return 0, state.last_noise_start
     noise_in_flight = [r.start_step for r in in_flight if r.purpose is Purpose.NOISE]
     needed = policy.noise.num_windows - len(state.noise_values) - len(noise_in_flight)
     high_water = max([state.last_noise_start] + noise_in_flight
                      + [r.start_step for r in settled if r.purpose is Purpose.NOISE])
-    starts = [s for s in usable if s > high_water][-needed:] if needed > 0 else []
-    return [ReplayRequest(s, policy.verify.window_steps, precision, Purpose.NOISE) for s in starts]
+    return needed, high_water

@@ -64,6 +64,9 @@ class PolicyState:
     last_noise_start: int = -1  # latest noise window decided
     noise_values: tuple[float, ...] = ()  # |metric| of each noise window measured so far
     noise_floor: float | None = None  # largest noise value once `noise.num_windows` are measured
+    # (window start, metric) of this regime's latest counted verification windows, at most
+    # `thresholds.trend_windows - 1`: all the trend warning needs, so a decision costs the same at any run length
+    recent_verifications: tuple[tuple[int, float], ...] = ()
 
     def to_dict(self) -> dict:
         return _jsonable(asdict(self))
@@ -74,13 +77,14 @@ class PolicyState:
         values = {k: v for k, v in data.items() if k in known}
         values["machine"] = Machine(values.get("machine", Machine.FP8))
         values["noise_values"] = tuple(float(v) for v in values.get("noise_values", ()))
+        values["recent_verifications"] = tuple((int(s), float(v)) for s, v in values.get("recent_verifications", ()))
         return cls(**values)
 
     def new_regime(self, machine: Machine, since_step: int, **changes) -> "PolicyState":
         """State after a precision switch: counters of the old regime start over."""
         return replace(self, machine=machine, since_step=since_step, num_violations_in_row=0,
                        streak_start_step=None, last_verified_step=None, num_clean_probes=0,
-                       num_clean_probation_windows=0, last_window_start=-1, **changes)
+                       num_clean_probation_windows=0, last_window_start=-1, recent_verifications=(), **changes)
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,8 @@ from hypothesis import strategies as st
 from shadow.compare import compare
 from shadow.config.policy import Metric, Mode, OnSwitch, Policy, ThresholdsConfig, policy_from_text
 from shadow.config.loader import to_dict
-from shadow.policy import DecisionKind, Machine, PolicyState, decide, scale_thresholds
+from shadow.policy import (DecisionKind, Machine, PolicyState, Purpose, ReplayRequest, decide, due_replays,
+                           scale_thresholds)
 from shadow.records import StepRecord
 
 GAP_METRICS = ["mean_gap", "rel_mean_gap", "end_gap", "rel_end_gap", "max_abs_gap"]
@@ -26,13 +27,13 @@ def rows(start, losses, precision):
             for i, x in enumerate(losses)]
 
 
-def make_policy(metric, warn, switch, consecutive, on_switch="bf16", noise=False, mode="enforce"):
+def make_policy(metric, warn, switch, consecutive, on_switch="bf16", noise=False, mode="enforce", two_sided=False):
     """A valid policy built directly (YAML parsing has its own property below, and costs ~10 ms)."""
     base = Policy()
     return replace(
         base,
         compare=replace(base.compare, metric=Metric(metric)),
-        thresholds=replace(base.thresholds, warn=warn, switch=switch, consecutive=consecutive),
+        thresholds=replace(base.thresholds, warn=warn, switch=switch, consecutive=consecutive, two_sided=two_sided),
         action=replace(base.action, on_switch=OnSwitch(on_switch), mode=Mode(mode)),
         noise=replace(base.noise, enabled=noise),
     )
@@ -41,13 +42,12 @@ def make_policy(metric, warn, switch, consecutive, on_switch="bf16", noise=False
 def run_windows(policy, windows, state=None):
     """Feed (bf16 losses, fp8 losses) windows as verification windows 100 steps apart; all decisions."""
     state = state or PolicyState()
-    history, kinds = [], []
+    kinds = []
     for i, (bf16, fp8) in enumerate(windows):
         start = state.since_step + 100 * (i + 1)
         verdict = compare(rows(start, fp8, "fp8"), rows(start, bf16, "bf16"))
-        out = decide(policy, state, history, verdict, main_step=start + len(bf16))
+        out = decide(policy, state, verdict, main_step=start + len(bf16))
         kinds.append(out.kinds)
-        history.append(verdict)
         state = out.state
     return kinds
 
@@ -150,3 +150,55 @@ def test_shipped_default_round_trips_through_yaml():
     policy = Policy()
     assert policy_from_text(yaml.safe_dump(to_dict(policy)), "dumped.yaml") == policy
     assert PolicyState().machine is Machine.FP8
+
+
+@SETTINGS
+@given(metric=st.sampled_from(["mean_gap", "end_gap"]), thresholds=threshold_pair, consecutive=st.integers(1, 3),
+       gaps=st.lists(st.floats(-3.0, 3.0), min_size=1, max_size=6), losses=losses_st)
+def test_two_sided_decisions_do_not_depend_on_which_side_is_worse(metric, thresholds, consecutive, gaps, losses):
+    """Two-sided, FP8 worse by d and BF16 worse by d are the same verdict level (absolute metrics)."""
+    policy = make_policy(metric, *thresholds, consecutive, two_sided=True)
+    fp8_worse = [(losses, [x + abs(g) for x in losses]) for g in gaps]
+    bf16_worse = [([x + abs(g) for x in losses], losses) for g in gaps]
+    assert run_windows(policy, fp8_worse) == run_windows(policy, bf16_worse)
+
+
+def _due_by_full_scan(policy, state, main_step, committed, in_flight, total_steps, settled):
+    """Reference: the cadence rule over every committed checkpoint (what `due_replays` must equal)."""
+    free = policy.verify.max_concurrent_replays - len(in_flight)
+    if free <= 0 or state.machine is Machine.BF16_FOREVER:
+        return []
+    window, every = policy.verify.window_steps, policy.verify.every_n_steps
+    usable = [s for s in committed if state.since_step <= s <= main_step and s + window <= total_steps]
+    probing = state.machine is Machine.BF16_FALLBACK
+    purpose = Purpose.PROBE if probing else Purpose.VERIFY
+    earliest = state.since_step + (policy.action.return_to_fp8.after_steps if probing else 0)
+    high = max([state.last_window_start] + [r.start_step for r in [*in_flight, *settled] if r.purpose is purpose])
+    spans = {}
+    for s in usable:
+        if s >= earliest and s // every > high // every:
+            spans.setdefault(s // every, s)
+    return sorted(sorted(spans.values(), reverse=True)[:free])
+
+
+@SETTINGS
+@given(every=st.sampled_from([25, 50, 100]), checkpoint_every=st.sampled_from([10, 25, 50]),
+       num_checkpoints=st.integers(0, 400), since=st.integers(0, 3000), last=st.integers(-1, 4000),
+       settled_start=st.integers(-1, 4000), concurrency=st.integers(1, 4), busy=st.integers(0, 2),
+       machine=st.sampled_from([Machine.FP8, Machine.FP8_PROBATION, Machine.BF16_FALLBACK]),
+       main_step=st.integers(0, 4000), total_steps=st.integers(0, 4500))
+def test_scheduling_from_the_high_water_marks_equals_a_full_scan(every, checkpoint_every, num_checkpoints, since,
+                                                                 last, settled_start, concurrency, busy, machine,
+                                                                 main_step, total_steps):
+    policy = make_policy("rel_mean_gap", 0.01, 0.03, 1)
+    policy = replace(policy, verify=replace(policy.verify, every_n_steps=every, window_steps=25,
+                                            max_concurrent_replays=concurrency))
+    state = PolicyState(machine=machine, since_step=since, last_window_start=last)
+    committed = list(range(0, num_checkpoints * checkpoint_every, checkpoint_every))
+    purpose = Purpose.PROBE if machine is Machine.BF16_FALLBACK else Purpose.VERIFY
+    settled = [ReplayRequest(settled_start, 25, "bf16", purpose)] if settled_start >= 0 else []
+    in_flight = [ReplayRequest(10_000 + i, 25, "bf16", Purpose.NOISE) for i in range(busy)]
+    due = due_replays(policy, state, main_step=main_step, committed_steps=committed, in_flight=in_flight,
+                      total_steps=total_steps, settled=settled)
+    expected = _due_by_full_scan(policy, state, main_step, committed, in_flight, total_steps, settled)
+    assert [r.start_step for r in due] == expected
