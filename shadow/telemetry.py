@@ -113,7 +113,7 @@ class TelemetryCollector:
                 x = output.detach().float()
                 self._max(prefix + "amax", x.abs().amax())
                 self._add(prefix + "kurtosis_sum", token_kurtosis(x).sum())
-                self._add(prefix + "tokens", torch.tensor(x.numel() // x.shape[-1]))
+                self._add(prefix + "tokens", x.new_tensor(x.numel() // x.shape[-1], dtype=torch.float64))
         return hook
 
     def _swiglu_hook(self, index: int):
@@ -124,7 +124,7 @@ class TelemetryCollector:
                 x = output.detach().float()
                 self._max(prefix + "amax", x.abs().amax())
                 self._add(prefix + "sumsq", x.pow(2).sum())
-                self._add(prefix + "count", torch.tensor(x.numel()))
+                self._add(prefix + "count", x.new_tensor(x.numel(), dtype=torch.float64))
         return hook
 
     def _on_quantization(self, layer: EmulatedFp8Linear, role: int, scaled: torch.Tensor, quantized: torch.Tensor,
@@ -135,7 +135,7 @@ class TelemetryCollector:
             self._add(stem + "nonzero", nonzero.sum())
             self._add(stem + "flushed", (nonzero & (quantized == 0)).sum())
             self._add(stem + "clipped", (scaled.abs() > fmt.max_value).sum())
-            self._add(stem + "count", torch.tensor(scaled.numel()))
+            self._add(stem + "count", scaled.new_tensor(scaled.numel(), dtype=torch.float64))
 
 
 def token_kurtosis(x: torch.Tensor) -> torch.Tensor:

@@ -52,8 +52,8 @@ def job_hash(job: JobConfig) -> str:
 
     The precision mode is left out (replays run the same job in another precision), as are where
     checkpoints go, evaluation and telemetry cadence (both only read the state), how many ranks compute
-    a step (not the micro-batch split), how `shadow run` drives the job and injected faults. Model and
-    optimizer options that change numbers (`model.smooth_swiglu`, `optim.moments`) are in it.
+    a step (not the micro-batch split), how `shadow run` drives the job and injected faults. Options
+    that change numbers (`model.smooth_swiglu`, `optim.moments`, `resources.compile`) are in it.
     """
     config = to_dict(job)
     config["precision"].pop("mode")
@@ -61,6 +61,7 @@ def job_hash(job: JobConfig) -> str:
     config["micro_batches"] = job.resources.num_ranks * job.resources.grad_accum
     for key in ("name", "checkpoint", "eval", "telemetry", "resources", "run", "faults"):
         config.pop(key)
+    config["compiled"] = job.resources.compile  # fused kernels round differently
     return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -82,6 +83,8 @@ class Trainer:
         self.backend = build_backend(job.precision, self.device)
         self.model = Transformer(job.model, self.backend).to(self.device)
         self.model.init_weights(job.seed)
+        if job.resources.compile:  # `loss` calls `forward` directly, so compile that (state_dict keys unchanged)
+            self.model.forward = torch.compile(self.model.forward)
         self.data = StepData(job.data, job.model.seq_len, job.batch_size, job.model.vocab_size)
         self.optimizer = build_optimizer(job.optim, self.model)
         self.telemetry = TelemetryCollector(self.model, self.backend)

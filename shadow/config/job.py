@@ -248,6 +248,9 @@ class ResourcesConfig:
     cpus_per_rank: int = 1  # also torch's thread count: replays use the same so CPU GEMMs match
     num_ranks: int = 1  # data-parallel ranks of the main job (Ray actors on one placement group)
     grad_accum: int = 1  # micro-batches per main rank; a step's batch is cut into num_ranks x grad_accum
+    # torch.compile the model's forward (GPU): fuses torchao's FP8 casts and scalings, without which FP8
+    # is slower than BF16 (see README "Benchmarks", GPU). It changes rounding, so it is part of the job hash
+    compile: bool = False
 
     def problems(self):
         found = []
