@@ -13,7 +13,7 @@ therefore serves both directions.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from enum import Enum
 from typing import Sequence
 
@@ -72,24 +72,6 @@ class Verdict:
     def to_dict(self) -> dict:
         """Plain JSON-ready data for events: non-finite floats become strings, like StepRecord rows."""
         return {key: _jsonable(value) for key, value in asdict(self).items()}
-
-    @classmethod
-    def from_dict(cls, data: dict) -> "Verdict":
-        """Inverse of `to_dict` (a resumed controller rebuilds its verdict history from events)."""
-        values = {}
-        for f in fields(cls):
-            value = data.get(f.name)
-            if isinstance(value, list):
-                value = tuple(_float(v) if f.name == "gaps" else v for v in value)
-            elif isinstance(value, str) and value in ("inf", "-inf", "nan"):
-                value = float(value)
-            values[f.name] = value
-        values["kind"] = VerdictKind(values["kind"])
-        return cls(**values)
-
-
-def _float(value):
-    return float(value) if isinstance(value, str) else value
 
 
 def _jsonable(value):
@@ -186,13 +168,9 @@ def compare(
     )
 
 
-def trend(verdicts: Sequence[Verdict], metric: str = "mean_gap") -> Trend:
-    """Is `metric` growing from window to window? Verdicts in window order, oldest first."""
-    return trend_of([(v.window_start, v.metric(metric)) for v in verdicts])
-
-
 def trend_of(windows: Sequence[tuple[int, float | None]]) -> Trend:
-    """`trend` from (window start, metric value) pairs in window order; missing values are left out."""
+    """Is the metric growing from window to window? (window start, value) pairs in window order,
+    oldest first; missing and non-finite values are left out."""
     pairs = [(start, value) for start, value in windows if value is not None and math.isfinite(value)]
     starts = tuple(start for start, _ in pairs)
     values = tuple(value for _, value in pairs)

@@ -43,3 +43,23 @@ def block_key(group: str, index: int, stat: str) -> str:
 
 def operand_key(layer: str, role: str, stat: str) -> str:
     return f"fp8/{layer}/{role}/{stat}"
+
+
+def why_never_produced(name: str, *, telemetry_every_steps: int, backend: str, scaling: str,
+                       num_layers: int) -> str | None:
+    """Why a job with these settings never produces signal `name` (a trigger on it could never fire),
+    or None when it does."""
+    if name in RECORD_FIELDS:
+        return None
+    if telemetry_every_steps <= 0:
+        return "telemetry is off (telemetry.every_steps: 0)"
+    block = re.match(r"^(act|swiglu)/blocks\.(\d+)/", name)
+    if block and int(block.group(2)) >= num_layers:
+        return f"the model has blocks 0..{num_layers - 1} (model.num_layers: {num_layers})"
+    if name.startswith("fp8/"):
+        if backend != "emulated":
+            return f"only the emulated backend observes FP8 operands (precision.backend: {backend})"
+        if name.endswith(("/amax", "/scale")) and scaling != "delayed":
+            return f"per-operand amax and scale are recorded under delayed scaling only (precision.scaling: {scaling})"
+    return None
+

@@ -122,7 +122,7 @@ class ThresholdsConfig:
     warn: float = 0.01  # above this a window is reported as a warning
     switch: float = 0.03  # above this a window is a violation; `consecutive` of them switch the main job to BF16
     consecutive: int = 2  # violations in a row before switching (a window at or below `switch` resets the count)
-    trend_windows: int = 0  # warn when the metric grew in each of the last N verification windows; 0 = off
+    trend_windows: int = 0  # warn when the metric (its size when two-sided) grew in each of the last N verification windows; 0 = off
     # judge gaps in FP8's favour (the BF16 side worse) by their size too: FP8 and BF16 disagree either way.
     # A model that came to depend on FP8's clipping does worse when BF16 replays it (an FP8 fault that
     # began before the window); false: only FP8-worse gaps count

@@ -19,13 +19,13 @@ from dataclasses import replace
 import ray
 
 from shadow.checkpoint import open_store
-from shadow.controller.committed import CommittedSteps
 from shadow.config.job import JobConfig
 from shadow.config.loader import to_yaml
 from shadow.config.policy import Policy
 from shadow.config.policy_watch import PolicyWatcher
 from shadow.controller.callbacks import RunCallback
 from shadow.controller.commits import CommitsMixin
+from shadow.controller.committed import CommittedSteps
 from shadow.controller.decisions import DecisionsMixin
 from shadow.controller.errors import ControllerError, first_line
 from shadow.controller.main_job import MainJob
@@ -57,6 +57,7 @@ class Controller(CommitsMixin, VerificationMixin, DecisionsMixin):
         self.verdict_rows: list[dict] = list(resume.verdict_rows) if resume else []
         self.replay_steps: dict[str, int] = dict(resume.replay_steps) if resume else {}
         self.num_replays = resume.num_replays if resume else 0
+        self.num_triggered_replays = resume.num_triggered_replays if resume else 0
         self.trigger_rows: list[dict] = list(resume.trigger_rows) if resume else []
         # the triggers' rolling windows describe one FP8 regime: they restart after every switch
         self.trigger_state, self.trigger_regime = TriggerState(), self.state.regime
@@ -71,8 +72,9 @@ class Controller(CommitsMixin, VerificationMixin, DecisionsMixin):
         self.store = open_store(store_uri, run)  # for pins; the main trainer owns writing and retention
         self.rollback_pin: int | None = None
         self.checkpoint_failures_in_row = 0
-        self.settled: list[ReplayRequest] = []  # windows of this regime already replayed or given up
-        # the newest of them per purpose: all scheduling needs (its high-water marks only move forward)
+        self.judged: list[ReplayRequest] = []  # windows of this regime judged: they cover their steps for triggers
+        # per purpose the newest window of this regime judged or given up: all scheduling needs (its
+        # high-water marks only move forward)
         self.settled_latest: dict[Purpose, ReplayRequest] = {}
         self.started = time.perf_counter()
 
@@ -157,6 +159,9 @@ class Controller(CommitsMixin, VerificationMixin, DecisionsMixin):
 
     def _start_main(self) -> None:
         self._check_replay_layout()
+        inert = self._inert_trigger_rules(self.policy)
+        if inert:  # a guard that can never fire must not look like one
+            raise ControllerError("; ".join(inert))
         nodes = self.main.start_group()
         self.emit("main_started", ranks=len(nodes), nodes=nodes, generation=self.main.generation)
         if self.resume is None:
@@ -264,6 +269,9 @@ class Controller(CommitsMixin, VerificationMixin, DecisionsMixin):
                                   f"{self.state.lineage} could be loaded: {first_line(error)}")
         self.state = replace(self.state, lineage=self.state.lineage + 1, num_main_restarts=restarts,
                              restore_step=self.main_step, restore_run=self.run_name)
+        # the steps after the restore point are trained again: their signals and windows start over
+        self.trigger_state, self.triggered = TriggerState(), []
+        self.judged = [r for r in self.judged if r.start_step + r.num_steps <= self.main_step]
         for step in [s for s in self.history if s >= self.main_step]:
             del self.history[step]
         self.emit("main_restarted", restart=restarts, limit=limit, step=self.main_step,
@@ -281,6 +289,7 @@ class Controller(CommitsMixin, VerificationMixin, DecisionsMixin):
         history = [self.history[s] for s in sorted(self.history)]
         return build_summary(history=history, trained=self.trained, replay_steps=self.replay_steps,
                              verdicts=self.verdict_rows, triggers=self.trigger_rows,
+                             num_triggered_replays=self.num_triggered_replays,
                              num_switches=self.state.num_switches,
                              final_eval_loss=self.final_eval_loss, fp8_speedup=self.job.run.fp8_speedup,
                              wall_s=time.perf_counter() - self.started, phase=self.phase.value,

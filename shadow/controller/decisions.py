@@ -24,6 +24,8 @@ class DecisionsMixin:
                 self.emit(event.pop("event"), **event)
                 if polled.policy is not self.policy:
                     self.policy_version += 1
+                    for problem in self._inert_trigger_rules(polled.policy):
+                        self.emit("trigger_rule_inert", reason=problem)
                     for callback in self.callbacks:
                         callback.on_policy(self.policy_version, to_yaml(polled.policy))
             self.policy = polled.policy
@@ -37,7 +39,7 @@ class DecisionsMixin:
             self._judge(replay)
 
     def _judge(self, replay: Replay) -> None:
-        self._settle(replay.request)
+        self._settle(replay.request, judged=True)
         window = range(replay.request.start_step, replay.request.start_step + replay.request.num_steps)
         main_rows = [self.history[s] for s in window if s in self.history]
         main_eval = main_rows[-1].eval_loss if main_rows and main_rows[-1].step == window[-1] else None
@@ -81,7 +83,7 @@ class DecisionsMixin:
         old = self.state.precision
         self.state = replace(self.state, precision=precision, regime=self.state.regime + 1,
                              num_switches=self.state.num_switches + (precision != old))
-        self.settled, self.settled_latest, self.triggered = [], {}, []
+        self.judged, self.settled_latest, self.triggered = [], {}, []
         self.main.call("set_precision", precision)
         self.emit("precision_switched", old=old, new=precision, step=self.main_step, reason=decision.reason,
                   state=self.state.to_dict())
@@ -94,7 +96,7 @@ class DecisionsMixin:
         self.state = replace(self.state, precision="bf16", regime=self.state.regime + 1,
                              lineage=self.state.lineage + 1, restore_step=step, restore_run=run,
                              num_switches=self.state.num_switches + (old_precision != "bf16"))
-        self.settled, self.settled_latest, self.triggered = [], {}, []
+        self.judged, self.settled_latest, self.triggered = [], {}, []
         self.emit(kind, old_step=old_step, new_step=step, discarded=[min(step, keep_committed_upto), old_step],
                   reason=decision.reason, state=self.state.to_dict())
         if old_precision != "bf16":

@@ -36,6 +36,7 @@ class ResumePoint:
     trigger_rows: list[dict]
     replay_steps: dict[str, int]
     num_replays: int
+    num_triggered_replays: int
 
 
 def load_resume_point(run_dir: str | Path, run: str, store_uri: str, job_hash: str) -> ResumePoint:
@@ -87,4 +88,5 @@ def load_resume_point(run_dir: str | Path, run: str, store_uri: str, job_hash: s
                       for e in events if e["event"] == "trigger_fired"],
         replay_steps=replay_steps,
         num_replays=sum(1 for e in events if e["event"] == "replay_started"),
+        num_triggered_replays=sum(1 for e in events if e["event"] == "replay_started" and e.get("triggered")),
     )

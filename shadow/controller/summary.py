@@ -27,7 +27,8 @@ def effective_speedup(*, kept_steps: int, trained_fp8: int, trained_bf16: int, r
 
 
 def build_summary(*, history: list[StepRecord], trained: list[StepRecord], replay_steps: dict[str, int],
-                  verdicts: list[dict], triggers: list[dict], num_switches: int, final_eval_loss: float | None,
+                  verdicts: list[dict], triggers: list[dict], num_triggered_replays: int, num_switches: int,
+                  final_eval_loss: float | None,
                   fp8_speedup: float, wall_s: float, phase: str, policy_state: dict) -> dict:
     trained_fp8 = sum(1 for r in trained if r.precision == "fp8")
     trained_bf16 = len(trained) - trained_fp8
@@ -46,8 +47,9 @@ def build_summary(*, history: list[StepRecord], trained: list[StepRecord], repla
         "num_probes": purposes.count("probe"),
         "num_noise_windows": purposes.count("noise"),
         "num_switches": num_switches,
-        "num_triggers_fired": len({t["step"] for t in triggers}),
-        "num_triggered_replays": len({t["replay_start"] for t in triggers if t["replay_start"] is not None}),
+        "num_triggers_fired": len(triggers),  # signals that fired (several may fire at one step)
+        "num_trigger_steps": len({t["step"] for t in triggers}),
+        "num_triggered_replays": num_triggered_replays,  # replays started for a firing
         "triggers": triggers,
         "verdicts": verdicts,
         "replay_steps": replay_steps,

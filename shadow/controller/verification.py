@@ -8,11 +8,12 @@ import math
 import ray
 
 from shadow.checkpoint import CheckpointError
-from shadow.config.policy import OnSwitch
+from shadow.config.policy import OnSwitch, Policy
 from shadow.controller.errors import first_line
 from shadow.controller.replays import Replay
 from shadow.policy import Firing, Machine, Purpose, ReplayRequest, TriggerState, due_replays, watch
 from shadow.records import StepRecord
+from shadow.signals import why_never_produced
 
 
 class VerificationMixin:
@@ -34,6 +35,18 @@ class VerificationMixin:
                       **request.to_dict())
             self._launch_replay(request)
 
+    def _inert_trigger_rules(self, policy: Policy) -> list[str]:
+        """Trigger rules this job can never fire (their signal is never produced), each with why."""
+        precision = self.job.precision
+        found = []
+        for index, rule in enumerate(policy.triggers.rules):
+            why = why_never_produced(rule.signal, telemetry_every_steps=self.job.telemetry.every_steps,
+                                     backend=precision.backend.value, scaling=precision.scaling.value,
+                                     num_layers=self.job.model.num_layers)
+            if why is not None:
+                found.append(f"triggers.rules[{index}] watches {rule.signal!r}, which this job never produces: {why}")
+        return found
+
     def _watch_signals(self, records: list[StepRecord]) -> None:
         """Feed FP8 steps' signals to the policy's triggers (pure: `shadow.policy.triggers`); a firing
         queues a verification replay of its step (`_on_trigger`)."""
@@ -51,11 +64,11 @@ class VerificationMixin:
                 self._on_trigger(record.step, firings)
 
     def _on_trigger(self, step: int, firings: list[Firing]) -> None:
-        """Replay from the latest committed checkpoint at or before `step`, through `step` (at least W
-        steps), unless a verification window already covers the step."""
+        """Replay from the latest committed checkpoint of this regime at or before `step`, through
+        `step` (at least W steps), unless a verification window that will be judged covers the step."""
         window = self.policy.verify.window_steps
         start = self.committed.newest(at_or_before=min(step, self.job.steps - window))
-        taken = [r.request for r in [*self.pool.running, *self.finished]] + self.settled + self.triggered
+        taken = [r.request for r in [*self.pool.running, *self.finished]] + self.judged + self.triggered
         covering = next((r for r in taken if r.purpose is Purpose.VERIFY
                          and r.start_step <= step < r.start_step + r.num_steps), None)
         request = None
@@ -63,6 +76,9 @@ class VerificationMixin:
             outcome = f"already covered by the window from step {covering.start_step}"
         elif start is None:
             outcome = "no committed checkpoint at or before the step leaves room for a window"
+        elif start < self.policy_state.since_step:  # its verdict would be ignored as another regime's
+            outcome = (f"no checkpoint of this regime (since step {self.policy_state.since_step}) at or before "
+                       f"the step yet")
         else:
             request = ReplayRequest(start, max(window, step - start + 1), self.policy.verify.replay_precision.value,
                                     Purpose.VERIFY)
@@ -80,21 +96,23 @@ class VerificationMixin:
         # triggered windows take the next free slots; while they wait, they hold back the cadence
         while self.triggered and len(in_flight) < self.policy.verify.max_concurrent_replays:
             in_flight.append(self.triggered.pop(0))
-            self._launch_replay(in_flight[-1])
+            self._launch_replay(in_flight[-1], triggered=True)
         requests = due_replays(self.policy, self.policy_state, main_step=self.main_step,
                                committed_steps=self.committed.ascending, in_flight=in_flight + self.triggered,
                                total_steps=self.job.steps, settled=list(self.settled_latest.values()))
         for request in requests:
             self._launch_replay(request)
 
-    def _settle(self, request: ReplayRequest) -> None:
-        """A window of this regime was replayed (judged, noted or discarded) or given up: never again."""
-        self.settled.append(request)
+    def _settle(self, request: ReplayRequest, *, judged: bool) -> None:
+        """A window of this regime was judged (or noted) or given up: it is never scheduled again. Only
+        a judged one covers its steps for triggers."""
+        if judged:
+            self.judged.append(request)
         latest = self.settled_latest.get(request.purpose)
         if latest is None or request.start_step > latest.start_step:
             self.settled_latest[request.purpose] = request
 
-    def _launch_replay(self, request: ReplayRequest) -> None:
+    def _launch_replay(self, request: ReplayRequest, *, triggered: bool = False) -> None:
         self.num_replays += 1
         name = f"{self.num_replays:03d}-{request.purpose.value}-{request.precision}-at-{request.start_step:09d}"
         pin = f"replay-{self.num_replays}"
@@ -108,7 +126,8 @@ class VerificationMixin:
         replay = Replay(name, request, self.state.regime, self.state.lineage,
                         f"{self.run_name}-replays/{name}" if adopt else None, pin)
         self.emit("replay_started", name=name, **request.to_dict(), regime=self.state.regime,
-                  ranks=self.policy.verify.replay_resources.num_ranks)
+                  ranks=self.policy.verify.replay_resources.num_ranks, triggered=triggered)
+        self.num_triggered_replays += triggered
         self._start(replay)
 
     def _start(self, replay: Replay) -> None:
@@ -158,5 +177,5 @@ class VerificationMixin:
 
     def _give_up(self, replay: Replay, reason: str) -> None:
         self._unpin(replay.request.start_step, replay.pin)
-        self._settle(replay.request)
+        self._settle(replay.request, judged=False)
         self.emit("replay_skipped", name=replay.name, **replay.request.to_dict(), reason=reason)

@@ -1,12 +1,14 @@
 """The policy brain: verdicts -> decisions over an explicit state machine, and which replays to run.
 
-Pure (no torch, Ray, MLflow or I/O): `decide` takes the policy, the state, earlier verdicts and a new
-verdict and returns `Decisions(state, decisions)`; `due_replays` says which replays to start on the
+Pure (no torch, Ray, MLflow or I/O): `decide` takes the policy, the state and a new verdict and
+returns `Decisions(state, decisions)` (the state carries all it remembers, so a call costs the same at
+any run length); `due_replays` says which replays to start on the
 cadence, `watch` which training signals call for an extra replay now (the policy's `triggers`). The
 controller executes decisions (at step boundaries) and logs each one with its reason.
 
-A window's metric is `compare.metric`, oriented so that positive = FP8 worse. "clean" = metric at or
-below `warn`, "warn" = above `warn` and at or below `switch`, "violation" = above `switch` or the FP8
+A window's metric is `compare.metric`, oriented so that positive = FP8 worse; with
+`thresholds.two_sided` (the default) a gap in FP8's favour is judged by its size, so below "metric"
+means |metric|. "clean" = metric at or below `warn`, "warn" = above `warn` and at or below `switch`, "violation" = above `switch` or the FP8
 side went non-finite while BF16 did not. Thresholds are the configured ones, raised by the noise
 floor once calibration (if enabled) is done; until then violations are reported as WARN and not
 counted (a non-finite FP8 loss always counts). Windows count in step order; a window older than one

@@ -19,7 +19,7 @@ from shadow.policy.state import (ACTIONS, Decision, DecisionKind, Decisions, Mac
 
 
 class Level(str, Enum):
-    CLEAN = "clean"  # metric at or below warn
+    CLEAN = "clean"  # metric (|metric| when two-sided) at or below warn
     WARN = "warn"  # above warn, at or below switch
     VIOLATION = "violation"  # above switch, or the FP8 side produced a non-finite loss
     UNAVAILABLE = "unavailable"  # nothing to judge (metric missing, BF16 side non-finite)
@@ -211,11 +211,13 @@ def _on_noise(policy: Policy, state: PolicyState, verdict: Verdict, window: str)
 
 
 def _trend_warning(policy, windows, payload) -> list[Decision]:
-    """WARN when the metric rose in each of the last `trend_windows` verification windows of this regime.
-    `windows`: (start, value) of the latest counted ones, this one last."""
+    """WARN when the metric (its size when two-sided) rose in each of the last `trend_windows`
+    verification windows of this regime. `windows`: (start, value) of the latest counted ones, this one last."""
     num_windows = policy.thresholds.trend_windows
     if num_windows < 2:
         return []
+    if policy.thresholds.two_sided:
+        windows = tuple((start, None if value is None else abs(value)) for start, value in windows)
     recent = trend_of(windows[-num_windows:])
     if len(recent.values) < num_windows or not recent.growing or recent.values[-1] <= 0:
         return []

@@ -33,7 +33,7 @@ def due_replays(
 
     `committed_steps`: checkpoints on the main job's current lineage (after a rollback, not the
     abandoned ones), ascending. `total_steps`: the job's last step, so no window reaches past it.
-    `settled`: windows of this regime already replayed (judged, noted or discarded) or given up; like
+    `settled`: windows of this regime already judged (or noted) or given up; like
     windows in flight they are never scheduled again, but they take no concurrency slot. Only the
     newest settled window per purpose matters, and only checkpoints past the high-water marks are
     looked at, so a call costs the same at any run length.

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from shadow.compare import METRIC_NAMES, VerdictKind, compare, trend
+from shadow.compare import METRIC_NAMES, VerdictKind, compare, trend_of
 from shadow.config.policy import Metric
 from shadow.records import StepRecord
 
@@ -166,16 +166,21 @@ def test_to_dict_is_plain_json():
     assert data["t_stat"] == "inf" and data["fp8_side"] == "main" and data["steps"] == [0, 1, 2]
 
 
+def _windows(verdicts, metric="mean_gap"):
+    return [(v.window_start, v.metric(metric)) for v in verdicts]
+
+
 def test_trend_across_windows():
     windows = [compare(traj(s, [2.0 + g] * 5, "fp8"), traj(s, [2.0] * 5, "bf16"))
                for s, g in ((0, 0.01), (100, 0.02), (200, 0.04))]
-    t = trend(windows, "mean_gap")
+    t = trend_of(_windows(windows))
     assert t.growing and t.window_starts == (0, 100, 200)
     assert t.slope_per_step == pytest.approx(1.5e-4)  # least squares through (0, .01), (100, .02), (200, .04)
-    assert not trend(windows[::-1], "mean_gap").growing
-    flat = [compare(traj(s, [2.01] * 5, "fp8"), traj(s, [2.0] * 5, "bf16")) for s in (0, 100)]
-    assert not trend(flat).growing and trend(flat).slope_per_step == pytest.approx(0.0, abs=1e-15)
-    assert not trend(windows[:1]).growing and trend(windows[:1]).slope_per_step is None
+    assert not trend_of(_windows(windows[::-1])).growing
+    flat = _windows([compare(traj(s, [2.01] * 5, "fp8"), traj(s, [2.0] * 5, "bf16")) for s in (0, 100)])
+    assert not trend_of(flat).growing and trend_of(flat).slope_per_step == pytest.approx(0.0, abs=1e-15)
+    assert not trend_of(_windows(windows[:1])).growing and trend_of(_windows(windows[:1])).slope_per_step is None
+    assert trend_of([(0, 0.01), (100, None), (200, math.nan), (300, 0.02)]).window_starts == (0, 300)
 
 
 def test_metric_names_match_the_policy_enum():

@@ -243,6 +243,14 @@ def test_the_trend_needs_only_the_last_windows_in_the_state():
     assert switched.state.recent_verifications == ()
 
 
+def test_two_sided_the_trend_watches_the_size_of_the_gap():
+    growing_in_fp8s_favour = [-0.001, -0.002, -0.004]
+    last, _ = run(policy("thresholds.trend_windows=3"), growing_in_fp8s_favour)
+    assert last.kinds == (K.NOTE, K.WARN) and "-0.001, -0.002, -0.004" not in last.decisions[-1].reason
+    one_sided, _ = run(policy("thresholds.trend_windows=3", "thresholds.two_sided=false"), growing_in_fp8s_favour)
+    assert one_sided.kinds == (K.NOTE,)
+
+
 def test_two_sided_thresholds_judge_a_gap_in_fp8s_favour_by_its_size():
     """FP8 main 5% *better* than its BF16 replay: ignored one-sided, a violation two-sided (a model
     that depends on FP8's clipping does worse in BF16)."""

@@ -171,6 +171,14 @@ def _due_by_full_scan(policy, state, main_step, committed, in_flight, total_step
     window, every = policy.verify.window_steps, policy.verify.every_n_steps
     usable = [s for s in committed if state.since_step <= s <= main_step and s + window <= total_steps]
     probing = state.machine is Machine.BF16_FALLBACK
+    noise = []
+    if policy.noise.enabled and state.noise_floor is None:
+        flying = [r.start_step for r in in_flight if r.purpose is Purpose.NOISE]
+        needed = policy.noise.num_windows - len(state.noise_values) - len(flying)
+        high = max([state.last_noise_start] + flying + [r.start_step for r in settled if r.purpose is Purpose.NOISE])
+        noise = [("noise", s) for s in [s for s in usable if s > high][-needed:]] if needed > 0 else []
+    noise = noise[:free]
+    free -= len(noise)
     purpose = Purpose.PROBE if probing else Purpose.VERIFY
     earliest = state.since_step + (policy.action.return_to_fp8.after_steps if probing else 0)
     high = max([state.last_window_start] + [r.start_step for r in [*in_flight, *settled] if r.purpose is purpose])
@@ -178,7 +186,7 @@ def _due_by_full_scan(policy, state, main_step, committed, in_flight, total_step
     for s in usable:
         if s >= earliest and s // every > high // every:
             spans.setdefault(s // every, s)
-    return sorted(sorted(spans.values(), reverse=True)[:free])
+    return noise + [(purpose.value, s) for s in sorted(sorted(spans.values(), reverse=True)[:free])]
 
 
 @SETTINGS
@@ -186,19 +194,25 @@ def _due_by_full_scan(policy, state, main_step, committed, in_flight, total_step
        num_checkpoints=st.integers(0, 400), since=st.integers(0, 3000), last=st.integers(-1, 4000),
        settled_start=st.integers(-1, 4000), concurrency=st.integers(1, 4), busy=st.integers(0, 2),
        machine=st.sampled_from([Machine.FP8, Machine.FP8_PROBATION, Machine.BF16_FALLBACK]),
-       main_step=st.integers(0, 4000), total_steps=st.integers(0, 4500))
+       main_step=st.integers(0, 4000), total_steps=st.integers(0, 4500),
+       noise=st.booleans(), noise_windows=st.integers(1, 3), noise_done=st.integers(0, 2),
+       last_noise=st.integers(-1, 4000), settled_noise=st.integers(-1, 4000))
 def test_scheduling_from_the_high_water_marks_equals_a_full_scan(every, checkpoint_every, num_checkpoints, since,
                                                                  last, settled_start, concurrency, busy, machine,
-                                                                 main_step, total_steps):
-    policy = make_policy("rel_mean_gap", 0.01, 0.03, 1)
+                                                                 main_step, total_steps, noise, noise_windows,
+                                                                 noise_done, last_noise, settled_noise):
+    policy = make_policy("rel_mean_gap", 0.01, 0.03, 1, noise=noise)
     policy = replace(policy, verify=replace(policy.verify, every_n_steps=every, window_steps=25,
-                                            max_concurrent_replays=concurrency))
-    state = PolicyState(machine=machine, since_step=since, last_window_start=last)
+                                            max_concurrent_replays=concurrency),
+                     noise=replace(policy.noise, num_windows=noise_windows))
+    state = PolicyState(machine=machine, since_step=since, last_window_start=last, last_noise_start=last_noise,
+                        noise_values=(0.0,) * min(noise_done, noise_windows - 1))
     committed = list(range(0, num_checkpoints * checkpoint_every, checkpoint_every))
     purpose = Purpose.PROBE if machine is Machine.BF16_FALLBACK else Purpose.VERIFY
     settled = [ReplayRequest(settled_start, 25, "bf16", purpose)] if settled_start >= 0 else []
+    settled += [ReplayRequest(settled_noise, 25, "fp8", Purpose.NOISE)] if settled_noise >= 0 else []
     in_flight = [ReplayRequest(10_000 + i, 25, "bf16", Purpose.NOISE) for i in range(busy)]
     due = due_replays(policy, state, main_step=main_step, committed_steps=committed, in_flight=in_flight,
                       total_steps=total_steps, settled=settled)
     expected = _due_by_full_scan(policy, state, main_step, committed, in_flight, total_steps, settled)
-    assert [r.start_step for r in due] == expected
+    assert [(r.purpose.value, r.start_step) for r in due] == expected

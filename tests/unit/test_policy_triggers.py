@@ -107,3 +107,19 @@ def test_policy_schema_names_the_rule_and_field():
         with pytest.raises(ConfigError) as caught:
             policy_from_text(text, "bad.yaml")
         assert expected in str(caught.value)
+
+
+def test_signals_a_job_never_produces_are_named_with_the_setting_to_change():
+    from shadow.signals import why_never_produced
+
+    on = dict(telemetry_every_steps=10, backend="emulated", scaling="delayed", num_layers=4)
+    assert why_never_produced("loss", **{**on, "telemetry_every_steps": 0}) is None
+    assert why_never_produced("fp8/saturation_max", **on) is None
+    assert why_never_produced("fp8/blocks.0.ffn.w_down/input/amax", **on) is None
+    assert "telemetry.every_steps: 0" in why_never_produced("act/amax_max", **{**on, "telemetry_every_steps": 0})
+    assert "model.num_layers: 4" in why_never_produced("act/blocks.4/kurtosis", **on)
+    assert why_never_produced("act/blocks.3/kurtosis", **on) is None
+    assert "precision.backend: torchao" in why_never_produced("fp8/underflow_max", **{**on, "backend": "torchao"})
+    assert "precision.scaling: current" in why_never_produced("fp8/blocks.0.attn.qkv/weight/scale",
+                                                              **{**on, "scaling": "current"})
+    assert why_never_produced("fp8/blocks.0.attn.qkv/weight/saturation", **{**on, "scaling": "current"}) is None
