@@ -12,9 +12,9 @@ gap is the default policy's metric (rel_mean_gap, positive = FP8 moments worse; 
 from __future__ import annotations
 
 import argparse
-import json
 import time
-from pathlib import Path
+
+from common import REPO, write_result
 
 from shadow.compare import compare
 from shadow.config import load_job
@@ -22,18 +22,18 @@ from shadow.config.policy import load_policy
 from shadow.optim import optimizer_state_bytes
 from shadow.trainer import Trainer
 
+TINY_JOB = str(REPO / "jobs" / "tiny.yaml")
+
 
 def _with_fp8_moments(source: Trainer) -> Trainer:
     """A trainer with moments fp8 in the state of `source` (fp32 moments rounded once)."""
-    target = Trainer(load_job("jobs/tiny.yaml", ["optim.moments=fp8"]))
+    target = Trainer(load_job(TINY_JOB, ["optim.moments=fp8"]))
     target.model.load_state_dict(source.model.state_dict())
     params = dict(target.model.named_parameters())
     for name, param in source.model.named_parameters():
         state = source.optimizer.state[param]
-        stored = target.optimizer.state[params[name]]
-        stored["step"] = state["step"].clone()
-        for key, fmt in zip(("exp_avg", "exp_avg_sq"), target.optimizer.formats):
-            target.optimizer._store(stored, key, state[key].clone(), fmt)
+        target.optimizer.set_state(params[name], step=state["step"], exp_avg=state["exp_avg"],
+                                   exp_avg_sq=state["exp_avg_sq"])
     target.step = source.step
     return target
 
@@ -42,11 +42,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--starts", default="100,200")
     parser.add_argument("--window", type=int, default=25)
-    parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "fp8_moments_windows.json"))
+    parser.add_argument("--out")
     args = parser.parse_args()
     started = time.time()
-    policy = load_policy("policies/default.yaml")
-    main_trainer = Trainer(load_job("jobs/tiny.yaml", ["telemetry.every_steps=0"]))
+    policy = load_policy(REPO / "policies" / "default.yaml")
+    main_trainer = Trainer(load_job(TINY_JOB, ["telemetry.every_steps=0"]))
     rows = []
     for start in sorted(int(s) for s in args.starts.split(",")):
         while main_trainer.step < start:
@@ -60,11 +60,9 @@ def main() -> None:
                      "state_bytes": {"fp32": optimizer_state_bytes(main_trainer.optimizer),
                                      "fp8": optimizer_state_bytes(fp8.optimizer)}})
         print(rows[-1], flush=True)
-    result = {"benchmark": "fp8_moments_windows", "job": "jobs/tiny.yaml", "windows": rows,
-              "warn": policy.thresholds.warn, "switch": policy.thresholds.switch,
-              "wall_s": round(time.time() - started, 1)}
-    Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
-    print(f"-> {args.out}")
+    write_result("fp8_moments_windows", {"job": "jobs/tiny.yaml", "windows": rows, "warn": policy.thresholds.warn,
+                                         "switch": policy.thresholds.switch,
+                                         "wall_s": round(time.time() - started, 1)}, args.out)
 
 
 if __name__ == "__main__":

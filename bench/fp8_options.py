@@ -16,16 +16,19 @@ import argparse
 import json
 import statistics
 import time
-from pathlib import Path
+
+from common import REPO, write_result
 
 from shadow.config import load_job
 from shadow.config.policy import load_policy
 from shadow.optim import optimizer_state_bytes
 from shadow.trainer import Trainer
 
+TINY_JOB = str(REPO / "jobs" / "tiny.yaml")
+
 
 def _train(overrides: list[str], steps: int):
-    trainer = Trainer(load_job("jobs/tiny.yaml", ["telemetry.every_steps=10", *overrides]))
+    trainer = Trainer(load_job(TINY_JOB, ["telemetry.every_steps=10", *overrides]))
     return trainer, [trainer.train_step() for _ in range(steps)]
 
 
@@ -49,7 +52,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--bf16-steps", type=int, default=50)
-    parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "fp8_options.json"))
+    parser.add_argument("--out")
     args = parser.parse_args()
     started = time.time()
     _, bf16_plain = _train(["precision.mode=bf16"], args.bf16_steps)
@@ -59,7 +62,7 @@ def main() -> None:
     fp8_moments, fp8_mom = _train(["optim.moments=fp8"], args.steps)
     tail = slice(-args.steps // 4, None)
     result = {
-        "benchmark": "fp8_options", "job": "jobs/tiny.yaml", "steps": args.steps,
+        "job": "jobs/tiny.yaml", "steps": args.steps,
         "smooth_swiglu": {
             "bf16_steps": args.bf16_steps,
             "bf16_losses_identical": [r.loss for r in bf16_plain] == [r.loss for r in bf16_smooth],
@@ -73,14 +76,14 @@ def main() -> None:
             "state_bytes_fp8_moments": optimizer_state_bytes(fp8_moments.optimizer),
             "rel_mean_gap_all_steps": _rel_gap(fp8_mom, fp8_plain),
             "rel_mean_gap_last_quarter": _rel_gap(fp8_mom[tail], fp8_plain[tail]),
-            "healthy_threshold_warn": load_policy("policies/default.yaml").thresholds.warn,
+            "healthy_threshold_warn": load_policy(REPO / "policies" / "default.yaml").thresholds.warn,
         },
         "wall_s": round(time.time() - started, 1),
     }
     moments = result["fp8_moments"]
     moments["memory_ratio"] = moments["state_bytes_fp8_moments"] / moments["state_bytes_fp32_moments"]
-    Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
     print(json.dumps(result, indent=1))
+    write_result("fp8_options", result, args.out)
 
 
 if __name__ == "__main__":

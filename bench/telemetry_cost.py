@@ -11,13 +11,10 @@ one process (so machine noise hits both alike); medians and their ratio. Telemet
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import statistics
-import time
-from pathlib import Path
 
 import torch
+from common import print_table, write_result
 
 from shadow.config import load_job
 from shadow.trainer import Trainer
@@ -28,7 +25,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--steps-per-round", type=int, default=4)
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "telemetry_cost.json"))
+    parser.add_argument("--out")
     args = parser.parse_args()
     rows = []
     for mode in ("fp8", "bf16"):
@@ -46,15 +43,11 @@ def main() -> None:
         keys = len(trainers[1].train_step().telemetry)
         rows.append({"model": "tiny (4x128)", "precision": mode, "telemetry_keys": keys, "off_step_s": off,
                      "every_step_s": on, "ratio": on / off, "overhead_every_10_steps": (on / off - 1) / 10})
-    print(f"{'precision':<10} {'keys':>5} {'off s/step':>11} {'on s/step':>10} {'ratio':>6} {'every 10':>9}")
-    for row in rows:
-        print(f"{row['precision']:<10} {row['telemetry_keys']:>5} {row['off_step_s']:>11.3f} "
-              f"{row['every_step_s']:>10.3f} {row['ratio']:>6.3f} {row['overhead_every_10_steps']:>8.1%}")
-    result = {"benchmark": "telemetry_cost", "machine": platform.processor() or platform.machine(),
-              "torch": torch.__version__, "threads": args.threads, "rounds": args.rounds,
-              "steps_per_round": args.steps_per_round, "rows": rows, "time_unix": round(time.time())}
-    Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
-    print(f"-> {args.out}")
+    print_table([("precision", "precision", ""), ("telemetry_keys", "keys", ""), ("off_step_s", "off s/step", ".3f"),
+                 ("every_step_s", "on s/step", ".3f"), ("ratio", "ratio", ".3f"),
+                 ("overhead_every_10_steps", "every 10", ".1%")], rows)
+    write_result("telemetry_cost", {"torch": torch.__version__, "threads": args.threads, "rounds": args.rounds,
+                                    "steps_per_round": args.steps_per_round, "rows": rows}, args.out)
 
 
 if __name__ == "__main__":

@@ -34,7 +34,6 @@ from shadow.tracking import tracker as tracker_module
 from shadow.tracking.tracker import MlflowTracker
 
 
-
 class Timed(RunCallback):
     """Delegates to a callback and adds up the time its methods take on the calling thread."""
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass, replace
 
 from shadow.compare import compare
 from shadow.config.job import JobConfig
-from shadow.config.policy import Policy, ThresholdsConfig
+from shadow.config.policy import EVAL_METRICS, Metric, Policy, ThresholdsConfig
 from shadow.records import StepRecord
 from shadow.trainer import Trainer
 
@@ -35,6 +35,16 @@ class Calibration:
     floor: float  # the noise floor the thresholds are built on
     source: str  # where the floor came from: "repeats", "seeds" or "none"
     thresholds: ThresholdsConfig  # suggested
+    multiplier: float  # switch = multiplier x floor, when the floor is above 0
+
+    @property
+    def note(self) -> str:
+        """What the suggested thresholds are, said from what was applied (the written policy's header)."""
+        if self.floor > 0:
+            return f"thresholds.warn = the floor, thresholds.switch = {self.multiplier:g} x the floor"
+        if self.source == "none":
+            return "the thresholds are the base policy's: the repeats were bit-exact and no --seeds were given"
+        return f"the thresholds are the base policy's: the floor from {self.source} is 0"
 
     def table(self) -> str:
         lines = [f"window [{self.start_step}, {self.start_step + self.window_steps}) in {self.precision}, "
@@ -51,14 +61,31 @@ def _window(trainer: Trainer, num_steps: int) -> list[StepRecord]:
 
 
 def _gap(policy: Policy, reference: list[StepRecord], other: list[StepRecord]) -> float:
+    """|metric| of `other` against `reference`. A bit-exact pair is 0 in every training-loss metric
+    (t_stat included: zero spread and zero mean is exact agreement). A metric the window cannot give is
+    an error: as NaN it would make the floor NaN, and the base thresholds would be kept without a word."""
+    name = policy.compare.metric.value
     verdict = compare(reference, other, ignore_first_steps=policy.compare.ignore_first_steps,
                       end_fraction=policy.compare.end_fraction)
-    value = verdict.metric(policy.compare.metric.value)
-    return abs(value) if value is not None else float("nan")
+    value = verdict.metric(name)
+    if value is None:
+        window = f"[{verdict.window_start}, {verdict.window_end})"
+        if verdict.nonfinite_main or verdict.nonfinite_replay:
+            raise ValueError(f"no {name} for the calibration window {window}: a loss in it is not finite "
+                             f"(the job diverges); calibrate an earlier --start-step")
+        raise ValueError(f"no {name} for the calibration window {window}: {len(verdict.steps)} steps compared "
+                         f"after compare.ignore_first_steps={policy.compare.ignore_first_steps} are too few; "
+                         f"use a longer --window")
+    return abs(value)
 
 
 def calibrate(job: JobConfig, policy: Policy, *, start_step: int, window_steps: int, repeats: int,
               seeds: list[int], multiplier: float) -> Calibration:
+    if policy.compare.metric in EVAL_METRICS:
+        training_metrics = ", ".join(m.value for m in Metric if m not in EVAL_METRICS)
+        raise ValueError(f"compare.metric {policy.compare.metric.value} compares held-out losses, which "
+                         f"calibrate does not measure (it replays training-loss windows); calibrate with a "
+                         f"--policy whose compare.metric is one of {training_metrics}")
     if start_step + window_steps > job.steps:
         raise ValueError(f"the window [{start_step}, {start_step + window_steps}) reaches past the job's "
                          f"steps ({job.steps}); use a smaller --start-step or --window")
@@ -85,4 +112,4 @@ def calibrate(job: JobConfig, policy: Policy, *, start_step: int, window_steps: 
     if floor > 0:
         thresholds = replace(thresholds, warn=floor, switch=multiplier * floor)
     return Calibration(policy.compare.metric.value, start_step, window_steps, job.precision.mode.value,
-                       repeat_gaps, seed_gaps, floor, source, thresholds)
+                       repeat_gaps, seed_gaps, floor, source, thresholds, multiplier)

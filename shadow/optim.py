@@ -80,6 +80,15 @@ class ScaledMomentAdamW(torch.optim.Optimizer):
                 self._store(state, "exp_avg", exp_avg, self.formats[0])
                 self._store(state, "exp_avg_sq", exp_avg_sq, self.formats[1])
 
+    def set_state(self, param: torch.nn.Parameter, *, step: torch.Tensor, exp_avg: torch.Tensor,
+                  exp_avg_sq: torch.Tensor) -> None:
+        """Continue `param` from AdamW state given in full precision (e.g. torch AdamW's), the moments
+        rounded as this optimizer stores them: what a switch to FP8 moments mid-run starts from."""
+        state = self.state[param]
+        state["step"] = step.clone()
+        self._store(state, "exp_avg", exp_avg.clone(), self.formats[0])
+        self._store(state, "exp_avg_sq", exp_avg_sq.clone(), self.formats[1])
+
     def load_state_dict(self, state_dict: dict) -> None:
         """torch's loading, then the stored bit patterns put back as saved (torch casts all
         non-step state to the parameter's dtype, which would turn the uint8 patterns into numbers)."""
@@ -97,10 +106,12 @@ class ScaledMomentAdamW(torch.optim.Optimizer):
         if fmt is None:
             state[key] = value
             return
-        amax = value.abs().amax().float()
-        # a power-of-two scale: scaling and unscaling are exact, only the FP8 rounding loses bits
-        scale = torch.where(amax > 0, torch.exp2(torch.floor(torch.log2(fmt.max_value / amax))),
-                            torch.ones_like(amax))
+        amax = value.abs().amax().double()
+        # a power-of-two scale: scaling and unscaling are exact, only the FP8 rounding loses bits. The
+        # exponent is found in float64 and capped at 127 (float32's largest power of two): for a tiny
+        # amax (a second moment decaying by beta2 for ~1,000 steps) the ratio would overflow float32 to
+        # inf, and 0 * inf stores NaN. An all-zero tensor gets the cap too, and stays zero.
+        scale = torch.exp2(torch.floor(torch.log2(fmt.max_value / amax)).clamp(max=127)).float()
         state[key] = fmt.quantize(value.float() * scale).to(fmt.torch_dtype).view(torch.uint8)
         state[key + "_scale"] = scale
 

@@ -37,7 +37,7 @@ class SweepCell:
     format: str
     lr_scale: float
     scaling: str
-    mean_rel_gap: float | None  # over the seeds that did not diverge (None if all did)
+    mean_rel_gap: float | None  # over the seeds where neither this format nor BF16 diverged (None if none)
     max_rel_gap: float | None
     num_diverged: int
     num_seeds: int
@@ -97,8 +97,8 @@ def table(cells: list[SweepCell]) -> str:
     lines = ["| format | lr scale | scaling | mean final-loss gap vs BF16 | max gap | diverged |",
              "| --- | --- | --- | --- | --- | --- |"]
     for cell in cells:
-        gap = "reference" if cell.format == "bf16" else _pct(cell.mean_rel_gap)
-        worst = "" if cell.format == "bf16" else _pct(cell.max_rel_gap)
+        gap = "reference" if cell.format == "bf16" else gap_label(cell, cell.mean_rel_gap)
+        worst = "" if cell.format == "bf16" else gap_label(cell, cell.max_rel_gap)
         lines.append(f"| {cell.format} | {cell.lr_scale:g} | {cell.scaling} | {gap} | {worst} | "
                      f"{cell.num_diverged}/{cell.num_seeds} |")
     return "\n".join(lines)
@@ -124,8 +124,8 @@ def heatmap(cells: list[SweepCell], path, title: str) -> None:
     image = ax.imshow(grid, cmap="RdYlGn_r", vmin=-limit, vmax=limit, aspect="auto")
     for c in cells:
         i, j = formats.index(c.format), scales.index(c.lr_scale)
-        text = "diverged" if c.mean_rel_gap is None else f"{100 * c.mean_rel_gap:+.2f}%"
-        if c.num_diverged and c.mean_rel_gap is not None:
+        text = gap_label(c, c.mean_rel_gap).replace(" (", "\n(")  # two lines fit a heatmap cell
+        if 0 < c.num_diverged < c.num_seeds:
             text += f"\n{c.num_diverged}/{c.num_seeds} diverged"
         ax.text(j, i, text, ha="center", va="center", fontsize=9)
     ax.set_xticks(range(len(scales)), [f"lr x{s:g}" for s in scales])
@@ -141,5 +141,9 @@ def as_rows(items) -> list[dict]:
     return [asdict(item) for item in items]
 
 
-def _pct(value: float | None) -> str:
-    return "diverged" if value is None else f"{100 * value:+.2f}%"
+def gap_label(cell: SweepCell, value: float | None) -> str:
+    """A gap in percent or, without one, why: the format's own runs all diverged, or BF16's did (a
+    format that trained fine has nothing to be compared with, which is not its divergence)."""
+    if value is not None:
+        return f"{100 * value:+.2f}%"
+    return "diverged" if cell.num_diverged == cell.num_seeds else "no reference (BF16 diverged)"

@@ -15,6 +15,7 @@ reports the statistics of the whole global batch.
 from __future__ import annotations
 
 import contextlib
+import math
 
 import torch
 from torch import nn
@@ -73,7 +74,9 @@ class TelemetryCollector:
             values[act + "kurtosis"] = sums[act + "kurtosis_sum"] / sums[act + "tokens"]
             values[swiglu + "amax"] = maxes[swiglu + "amax"]
             rms = (sums[swiglu + "sumsq"] / sums[swiglu + "count"]) ** 0.5
-            values[swiglu + "crest"] = maxes[swiglu + "amax"] / rms if rms > 0 else 0.0
+            # an all-zero output has no outliers (0); a NaN rms stays NaN: non-finite activations are
+            # what triggers watch for, and must not read as calm
+            values[swiglu + "crest"] = 0.0 if rms == 0 else maxes[swiglu + "amax"] / rms
         for key in [k for k in sums if k.endswith("/nonzero")]:
             stem = key[: -len("nonzero")]
             values[stem + "underflow"] = sums[stem + "flushed"] / max(sums[key], 1.0)
@@ -83,7 +86,7 @@ class TelemetryCollector:
                             ("fp8", "underflow"), ("fp8", "saturation")):
             found = [v for k, v in values.items() if k.startswith(group + "/") and k.endswith("/" + stat)]
             if found:
-                values[f"{group}/{stat}_max"] = max(found)
+                values[f"{group}/{stat}_max"] = _max_or_nan(found)
         return values
 
     # ----------------------------------------------------------------------------- accumulation
@@ -138,10 +141,16 @@ class TelemetryCollector:
             self._add(stem + "count", scaled.new_tensor(scaled.numel(), dtype=torch.float64))
 
 
+def _max_or_nan(values: list[float]) -> float:
+    """The largest value, or NaN if any is NaN (Python's `max` keeps or drops a NaN by its position)."""
+    return math.nan if any(math.isnan(v) for v in values) else max(values)
+
+
 def token_kurtosis(x: torch.Tensor) -> torch.Tensor:
-    """Kurtosis E[(x - mean)^4] / var^2 across the last dimension, one value per token (0 if constant)."""
+    """Kurtosis E[(x - mean)^4] / var^2 across the last dimension, one value per token: 0 if the token is
+    constant, NaN if it holds a NaN (a NaN variance must not read as a constant token)."""
     centered = x - x.mean(dim=-1, keepdim=True)
     variance = centered.pow(2).mean(dim=-1)
     fourth = centered.pow(4).mean(dim=-1)
-    return torch.where(variance > 0, fourth / variance.clamp_min(torch.finfo(x.dtype).tiny).pow(2),
-                       torch.zeros_like(variance))
+    return torch.where(variance == 0, torch.zeros_like(variance),
+                       fourth / variance.clamp_min(torch.finfo(x.dtype).tiny).pow(2))

@@ -21,6 +21,7 @@ BUCKET = "shadow-test"
 ACCESS_KEY = "AKIATESTSHADOW000000"
 SECRET_KEY = "test-secret-not-real"
 
+
 @pytest.fixture(scope="module")
 def s3_server():
     moto = MotoServer()
@@ -29,6 +30,7 @@ def s3_server():
         yield moto
     finally:
         moto.stop()
+
 
 @pytest.fixture
 def s3_env(s3_server, monkeypatch):
@@ -41,23 +43,28 @@ def s3_env(s3_server, monkeypatch):
         monkeypatch.delenv(name, raising=False)
     return s3_server
 
+
 @pytest.fixture
 def s3_root(s3_env):
     """A fresh prefix in the test bucket."""
     return f"s3://{BUCKET}/t-{uuid.uuid4().hex[:8]}"
+
 
 def s3_client(url):
     """A client of its own, for tampering with objects behind the store's back."""
     return boto3.client("s3", endpoint_url=url, aws_access_key_id=ACCESS_KEY, aws_secret_access_key=SECRET_KEY,
                         region_name="us-east-1")
 
+
 def object_key(root, step, name, run="run"):
     return f"{root[len(f's3://{BUCKET}/'):]}/{run}/step-{step:09d}/{name}"
+
 
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
 
 class MotoServer:
     def __init__(self):

@@ -55,15 +55,12 @@ def run(args: argparse.Namespace) -> int:
     suggested = replace(policy, thresholds=result.thresholds)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    note = ("the thresholds are the base policy's: the repeats were bit-exact and no --seeds were given"
-            if result.source == "none" else
-            f"thresholds.warn = the floor, thresholds.switch = {args.multiplier:g} x the floor")
     sets = "".join(f" --set {o}" for o in args.overrides)
     header = [f"# Written by `shadow calibrate --job {args.job}{sets}` from {args.policy}.",
               f"# Window [{result.start_step}, {result.start_step + result.window_steps}) in {result.precision}, "
               f"metric {result.metric}: noise floor {result.floor:.6g} from {result.source}",
               f"# (repeats: {[round(g, 8) for g in result.repeat_gaps]}, "
-              f"seeds: {({s: round(g, 8) for s, g in result.seed_gaps.items()})}); {note}."]
+              f"seeds: {({s: round(g, 8) for s, g in result.seed_gaps.items()})}); {result.note}."]
     out.write_text("\n".join(header) + "\n" + to_yaml(suggested))
     print(f"-> {out}")
     return 0

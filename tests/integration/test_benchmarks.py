@@ -44,6 +44,28 @@ def test_checkpoint_blocking(tmp_path):
     assert async_["mean_block_s"] < sync["mean_block_s"]  # the async persister only takes the CPU snapshot
 
 
+def test_telemetry_cost(tmp_path):
+    result = bench("telemetry_cost", tmp_path, "--rounds", "1", "--steps-per-round", "1")
+    assert [r["precision"] for r in result["rows"]] == ["fp8", "bf16"]
+    for row in result["rows"]:
+        assert row["ratio"] == pytest.approx(row["every_step_s"] / row["off_step_s"])
+
+
+def test_fp8_moments_windows(tmp_path):
+    result = bench("fp8_moments_windows", tmp_path, "--starts", "2", "--window", "2")
+    (row,) = result["windows"]
+    assert row["window"] == [2, 4] and row["max_abs_gap"] > 0  # the rounded moments change the updates
+    assert row["state_bytes"]["fp8"] < row["state_bytes"]["fp32"] / 3  # two bytes per parameter instead of eight
+
+
+@pytest.mark.slow
+def test_fp8_options(tmp_path):
+    result = bench("fp8_options", tmp_path, "--steps", "12", "--bf16-steps", "2")
+    assert result["smooth_swiglu"]["bf16_losses_identical"]  # Smooth-SwiGLU leaves the function unchanged
+    moments = result["fp8_moments"]
+    assert moments["memory_ratio"] == pytest.approx(moments["state_bytes_fp8_moments"] / moments["state_bytes_fp32_moments"])
+
+
 def test_gpu_throughput_skips_cleanly_without_a_gpu(tmp_path):
     import torch
 

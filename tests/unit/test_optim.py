@@ -74,3 +74,21 @@ def test_state_round_trip_is_exact_and_memory_is_a_quarter():
     num_params = sum(p.numel() for p in params)
     assert optimizer_state_bytes(fp32) == 8 * num_params + 4 * len(params)  # two fp32 moments and a step
     assert optimizer_state_bytes(optimizer) == 2 * num_params + 12 * len(params)  # two bytes, two scales, a step
+
+
+def test_tiny_and_zero_moments_are_stored_finite_and_zeros_stay_zero():
+    # a second moment decays by beta2 each step: after ~1,000 steps of (near) zero gradients its amax
+    # is below 1e-34, where a float32 fp8_max / amax overflows to inf
+    param = torch.nn.Parameter(torch.ones(4))
+    optimizer = ScaledMomentAdamW([param], lr=1e-2, betas=(0.9, 0.95), eps=1e-8, formats=(E4M3, E5M2))
+    for tiny in (1e-38, 1e-36, 1e-34, 0.0):
+        moment = torch.tensor([tiny, tiny / 2, 0.0, -tiny])
+        optimizer.set_state(param, step=torch.tensor(1000.0), exp_avg=moment, exp_avg_sq=moment.abs())
+        state = optimizer.state[param]
+        m = state["exp_avg"].view(torch.float8_e4m3fn).float() / state["exp_avg_scale"]
+        v = state["exp_avg_sq"].view(torch.float8_e5m2).float() / state["exp_avg_sq_scale"]
+        assert torch.allclose(m, moment, rtol=0.15, atol=0) and torch.allclose(v, moment.abs(), rtol=0.3, atol=0)
+        assert m[2] == 0 and v[2] == 0
+        param.grad = torch.zeros(4)
+        optimizer.step()
+        assert torch.isfinite(param).all()
