@@ -249,7 +249,8 @@ class ResourcesConfig:
     num_ranks: int = 1  # data-parallel ranks of the main job (Ray actors on one placement group)
     grad_accum: int = 1  # micro-batches per main rank; a step's batch is cut into num_ranks x grad_accum
     # torch.compile the model's forward (GPU): fuses torchao's FP8 casts and scalings, without which FP8
-    # is slower than BF16 (see README "Benchmarks", GPU). It changes rounding, so it is part of the job hash
+    # is slower than BF16 (see README "Benchmarks", GPU). It changes rounding, so it is part of the job
+    # hash; it needs telemetry.every_steps: 0 (telemetry hooks do not run inside a compiled forward)
     compile: bool = False
 
     def problems(self):
@@ -332,6 +333,10 @@ class JobConfig:
             found.append(("model.smooth_swiglu", True, "false with precision.backend "
                           f"'{self.precision.backend.value}' (Smooth-SwiGLU scales w_down inside the emulated "
                           "backend)"))
+        if self.resources.compile and self.telemetry.every_steps > 0:
+            found.append(("resources.compile", True, "false while telemetry.every_steps > 0 (telemetry's forward "
+                          "hooks, added on recording steps, do not run inside a compiled forward); set "
+                          "telemetry.every_steps: 0 to compile"))
         micro = self.resources.num_ranks * self.resources.grad_accum
         if micro >= 1 and self.batch_size % micro:
             found.append(("batch_size", self.batch_size, f"a multiple of resources.num_ranks x resources.grad_accum "

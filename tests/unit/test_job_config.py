@@ -75,6 +75,13 @@ def test_huge_job_file_is_refused_before_parsing(tmp_path):
         load_job(str(path))
 
 
+def test_compile_needs_telemetry_off():
+    """Telemetry hooks do not run inside a compiled forward: the combination would record nothing."""
+    with pytest.raises(ConfigError, match=r"resources\.compile.*telemetry\.every_steps"):
+        load_job(None, ["resources.compile=true"])
+    assert load_job(None, ["resources.compile=true", "telemetry.every_steps=0"]).resources.compile
+
+
 def test_bad_override_names_the_key():
     with pytest.raises(ConfigError, match=r"--set: optim\.lrr"):
         load_job(None, ["optim.lrr=1"])
