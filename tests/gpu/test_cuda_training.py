@@ -29,6 +29,17 @@ def _losses(trainer: Trainer, num_steps: int) -> list[float]:
     return [trainer.train_step().loss for _ in range(num_steps)]
 
 
+def _main_and_replay(job, before: int, after: int) -> tuple[list[float], list[float]]:
+    """The main trainer's losses for `after` steps past a snapshot at step `before`, and a replay's from it."""
+    main = Trainer(job)
+    _losses(main, before)
+    snapshot = main.snapshot()
+    main_losses = _losses(main, after)
+    replay = Trainer(job)
+    replay.restore(snapshot)
+    return main_losses, _losses(replay, after)
+
+
 @pytest.mark.parametrize("mode", ["bf16", "fp8"])
 def test_telemetry_is_recorded_on_the_gpu(mode):
     """Every telemetry counter lives on the activations' device (a CPU counter beside a CUDA sum fails)."""
@@ -59,13 +70,7 @@ def test_a_replay_from_a_snapshot_retrains_the_same_losses(backend):
     if backend == "torchao":
         pytest.importorskip("torchao", reason="torchao is not installed")
     job = tiny("precision.mode=fp8", f"precision.backend={backend}", "precision.scaling=current")
-    main = Trainer(job)
-    _losses(main, 4)
-    snapshot = main.snapshot()
-    main_losses = _losses(main, 6)
-    replay = Trainer(job)
-    replay.restore(snapshot)
-    replay_losses = _losses(replay, 6)
+    main_losses, replay_losses = _main_and_replay(job, 4, 6)
     worst = max(abs(a - b) / abs(b) for a, b in zip(replay_losses, main_losses))
     print(f"\n{backend}: replay vs main over 6 steps, max relative loss difference {worst:.3g} "
           f"({'bit-exact' if replay_losses == main_losses else 'not bit-exact'})")
@@ -88,10 +93,5 @@ def test_a_compiled_trainer_trains_and_replays_exactly():
     pytest.importorskip("torchao", reason="torchao is not installed")
     job = tiny("precision.mode=fp8", "precision.backend=torchao", "precision.scaling=current",
                "resources.compile=true", "telemetry.every_steps=0")
-    main = Trainer(job)
-    _losses(main, 3)
-    snapshot = main.snapshot()
-    expected = _losses(main, 3)
-    replay = Trainer(job)
-    replay.restore(snapshot)
-    assert _losses(replay, 3) == expected and all(math.isfinite(x) for x in expected)
+    expected, replayed = _main_and_replay(job, 3, 3)
+    assert replayed == expected and all(math.isfinite(x) for x in expected)
