@@ -83,7 +83,7 @@ class DecisionsMixin:
         old = self.state.precision
         self.state = replace(self.state, precision=precision, regime=self.state.regime + 1,
                              num_switches=self.state.num_switches + (precision != old))
-        self.judged, self.settled_latest, self.triggered = [], {}, []
+        self._forget_regime_windows()
         self.main.call("set_precision", precision)
         self.emit("precision_switched", old=old, new=precision, step=self.main_step, reason=decision.reason,
                   state=self.state.to_dict())
@@ -96,7 +96,7 @@ class DecisionsMixin:
         self.state = replace(self.state, precision="bf16", regime=self.state.regime + 1,
                              lineage=self.state.lineage + 1, restore_step=step, restore_run=run,
                              num_switches=self.state.num_switches + (old_precision != "bf16"))
-        self.judged, self.settled_latest, self.triggered = [], {}, []
+        self._forget_regime_windows()
         self.emit(kind, old_step=old_step, new_step=step, discarded=[min(step, keep_committed_upto), old_step],
                   reason=decision.reason, state=self.state.to_dict())
         if old_precision != "bf16":

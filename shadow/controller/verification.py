@@ -103,6 +103,10 @@ class VerificationMixin:
         for request in requests:
             self._launch_replay(request)
 
+    def _forget_regime_windows(self) -> None:
+        """A switch starts a regime: the old one's windows neither cover steps nor hold back the cadence."""
+        self.judged, self.settled_latest, self.triggered = [], {}, []
+
     def _settle(self, request: ReplayRequest, *, judged: bool) -> None:
         """A window of this regime was judged (or noted) or given up: it is never scheduled again. Only
         a judged one covers its steps for triggers."""
