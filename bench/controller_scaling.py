@@ -10,7 +10,7 @@ The stand-ins are swapped in by patching the names the controller builds its act
 process and in the actors' own processes; shadow/ is not changed for the benchmark.
 
 Timed on the controller thread: `_decision_point` (policy poll, verdicts judged and decisions applied),
-`_schedule_replays` (which windows are due, replays started) and `_judge` (compare + decide, per
+`_schedule` (which windows are due, replays started) and `_judge` (compare + decide, per
 verdict), each reported as the median per call over the first and the last quarter of the steps the
 main job trained, and their ratio (late / early; ~1 means flat). Then the brain alone (`due_replays`,
 `decide`) at history sizes a simulation cannot reach in minutes, to show how a call grows with it.
@@ -44,7 +44,7 @@ from shadow.trainer import Trainer, lr_at
 # 2-core machine) from making a 100k-step simulation take half an hour
 DUMMY_JOB = ["run.chunk_steps=50", "checkpoint.every_steps=50", "model.num_layers=1", "model.d_model=8",
              "model.num_heads=1", "model.seq_len=8", "batch_size=1", "eval.batches=1"]
-TIMED = ("_decision_point", "_schedule_replays", "_judge")
+TIMED = ("_decision_point", "_schedule", "_judge")
 
 
 class DummyTrainer(Trainer):
@@ -93,7 +93,7 @@ class TimedController(Controller):
         self._judged_s = 0.0
 
     def _timed(self, name, *args):
-        main_running = self.main_step < self.job.steps
+        main_running = self.main.step < self.job.steps
         judged_before = self._judged_s
         started = time.perf_counter()
         result = getattr(super(), name)(*args)
@@ -103,15 +103,15 @@ class TimedController(Controller):
         elif name == "_decision_point":
             seconds -= self._judged_s - judged_before
         if main_running:
-            self.timings[name].append((self.main_step, seconds))
-        self.max_in_flight = max(self.max_in_flight, len(self.pool.running))
+            self.timings[name].append((self.main.step, seconds))
+        self.max_in_flight = max(self.max_in_flight, self.verification.num_running)
         return result
 
     def _decision_point(self):
         return self._timed("_decision_point")
 
-    def _schedule_replays(self):
-        return self._timed("_schedule_replays")
+    def _schedule(self):
+        return self._timed("_schedule")
 
     def _judge(self, replay):
         return self._timed("_judge", replay)
@@ -167,10 +167,10 @@ def simulate(steps: int, concurrency: int, every: int, window: int, root: Path) 
             wall_s = time.perf_counter() - started
     finally:
         ray.shutdown()
-    assert summary["phase"] == "finished" and summary["num_switches"] == 0, summary["phase"]
+    assert summary["phase"] == "finished" and summary["num_precision_switches"] == 0, summary["phase"]
     row = {"steps": steps, "concurrency": concurrency, "wall_s": wall_s, "max_in_flight": controller.max_in_flight,
-           "num_verifications": summary["num_verifications"], "checkpoints": len(controller.committed)}
-    quarter = max(s for s, _ in controller.timings["_schedule_replays"]) // 4  # of the steps trained while timed
+           "num_verifications": summary["num_verifications"], "checkpoints": len(controller.ledger.committed)}
+    quarter = max(s for s, _ in controller.timings["_schedule"]) // 4  # of the steps trained while timed
     for name, samples in controller.timings.items():
         early = [s for step, s in samples if step <= quarter]
         late = [s for step, s in samples if step >= 3 * quarter]

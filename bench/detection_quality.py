@@ -132,9 +132,9 @@ def main() -> None:
                     row = {"scenario": name, "seed": seed, "onset": onset, "bf16_eval": bf16, "fp8_eval": fp8,
                            "guarded_eval": guarded["final_eval_loss"], "unguarded_gap": fp8 / bf16 - 1,
                            "guarded_gap": guarded["final_eval_loss"] / bf16 - 1, "degraded": degraded,
-                           "switched": guarded["num_switches"] > 0, "switch_step": switched_at,
+                           "switched": guarded["num_precision_switches"] > 0, "switch_step": switched_at,
                            "latency": switched_at - onset if switched_at is not None else None,
-                           "num_switches": guarded["num_switches"], "steps_fp8": guarded["steps_fp8"],
+                           "num_precision_switches": guarded["num_precision_switches"], "steps_fp8": guarded["steps_fp8"],
                            "steps_bf16": guarded["steps_bf16"], "verification_cost": guarded["verification_cost"],
                            "verdicts": [(v["window_start"], v["purpose"], round(v["value"], 5), v["level"])
                                         for v in guarded["verdicts"] if v["value"] is not None]}

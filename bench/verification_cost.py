@@ -56,7 +56,7 @@ def main() -> None:
             replay = summary["replay_steps"]
             trained = summary["steps_fp8"] + summary["steps_bf16"] + summary["steps_discarded"]
             fp8_trained = summary["steps_fp8"]  # healthy run: no switch, every kept step is FP8
-            assert summary["num_switches"] == 0, f"{path}: the healthy run switched; the cost would include it"
+            assert summary["num_precision_switches"] == 0, f"{path}: the healthy run switched; the cost would include it"
             speeds = {s: effective_speedup(kept_steps=summary["final_step"], trained_fp8=fp8_trained,
                                            trained_bf16=trained - fp8_trained, replay_bf16=replay.get("bf16", 0),
                                            replay_fp8=replay.get("fp8", 0), fp8_speedup=s) for s in SPEEDUPS}

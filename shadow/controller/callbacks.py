@@ -6,6 +6,8 @@ MLflow tracker and the console progress line are further callbacks beside it.
 
 from __future__ import annotations
 
+import time
+
 from shadow.records import StepRecord
 from shadow.rundir import RunDir, write_json_atomic
 
@@ -59,3 +61,21 @@ class RunDirWriter(RunCallback):
     def on_finish(self, summary: dict) -> None:
         write_json_atomic(self.run_dir.path / "summary.json", summary)
         self.run_dir.close()
+
+
+class EventLog:
+    """Where every part of the controller reports: each event goes to every callback, stamped with the
+    time; a commit point asks them to make what they wrote durable."""
+
+    def __init__(self, callbacks: list[RunCallback]):
+        self.callbacks = callbacks
+
+    def emit(self, event_name: str, /, **payload) -> dict:
+        event = {"event": event_name, "time_unix": round(time.time(), 3), **payload}
+        for callback in self.callbacks:
+            callback.on_event(event)
+        return event
+
+    def commit_point(self) -> None:
+        for callback in self.callbacks:
+            callback.on_commit_point()

@@ -5,9 +5,15 @@ so a slow replay never stalls the main job. Decisions are taken and applied only
 chunks, so every switch, rollback or adoption lands on an exact step boundary. Large state moves
 through the checkpoint store; actors return records only. All side effects go through callbacks.
 
-This file holds the loop and the main job; the rest of the controller's behaviour is in mixins over
-the same state: `verification.py` (when replays start and end), `decisions.py` (verdicts into
-decisions, applied on a step boundary) and `commits.py` (checkpoint commits, failures and pins).
+The controller composes parts that each own one concern and its state:
+| part | file | owns |
+| --- | --- | --- |
+| `main` | `main_job.py` | the main trainer's rank group, its step, kept history and trained rows |
+| `ledger` | `ledger.py` | committed checkpoints of the lineage, pins, failed saves in a row |
+| `verification` | `verification.py` | replays: cadence, triggers, the window life cycle (`windows.py`), the Ray pool |
+| `events` | `callbacks.py` | the event log every part writes to, and commit points |
+The controller itself owns the phase, `RunState` (precision, regime, lineage, the policy's state),
+the policy in force and the verdicts; it turns verdicts into decisions and applies them here.
 """
 
 from __future__ import annotations
@@ -19,85 +25,58 @@ from dataclasses import replace
 import ray
 
 from shadow.checkpoint import open_store
+from shadow.compare import compare
 from shadow.config.job import JobConfig
 from shadow.config.loader import to_yaml
-from shadow.config.policy import Policy
+from shadow.config.policy import OnSwitch, Policy
 from shadow.config.policy_watch import PolicyWatcher
-from shadow.controller.callbacks import RunCallback
-from shadow.controller.commits import CommitsMixin
-from shadow.controller.committed import CommittedSteps
-from shadow.controller.decisions import DecisionsMixin
+from shadow.controller.callbacks import EventLog, RunCallback
 from shadow.controller.errors import ControllerError, first_line
+from shadow.controller.ledger import CheckpointLedger
 from shadow.controller.main_job import MainJob
-from shadow.controller.replays import Replay, ReplayPool
 from shadow.controller.resume import ResumePoint
 from shadow.controller.state import ALLOWED, Phase, RunState
 from shadow.controller.summary import build_summary
-from shadow.controller.verification import VerificationMixin
-from shadow.policy import PolicyState, Purpose, ReplayRequest, TriggerState
-from shadow.records import StepRecord
+from shadow.controller.verification import Verification
+from shadow.controller.windows import Replay
+from shadow.policy import Decision, DecisionKind, decide
 
 
-class Controller(CommitsMixin, VerificationMixin, DecisionsMixin):
+class Controller:
     def __init__(self, *, job: JobConfig, policy: Policy, watcher: PolicyWatcher | None, run: str, store_uri: str,
                  callbacks: list[RunCallback], resume: ResumePoint | None = None):
         self.job = job
         self.policy = policy
+        self.policy_version = 1
         self.watcher = watcher
         self.run_name = run
         self.store_uri = store_uri
         self.callbacks = callbacks
-        self.phase = Phase.STARTING
         self.resume = resume
-        self.state = resume.state if resume else RunState(
-            policy_state=PolicyState().to_dict(), precision=job.precision.mode.value)
-        self.history: dict[int, StepRecord] = {r.step: r for r in resume.history} if resume else {}
-        self.trained: list[StepRecord] = list(resume.trained) if resume else []
-        self.committed = CommittedSteps(resume.committed if resume else ())
+        self.phase = Phase.STARTING
+        self.state = resume.state if resume else RunState(precision=job.precision.mode.value)
         self.verdict_rows: list[dict] = list(resume.verdict_rows) if resume else []
-        self.replay_steps: dict[str, int] = dict(resume.replay_steps) if resume else {}
-        self.num_replays = resume.num_replays if resume else 0
-        self.num_triggered_replays = resume.num_triggered_replays if resume else 0
-        self.trigger_rows: list[dict] = list(resume.trigger_rows) if resume else []
-        # the triggers' rolling windows describe one FP8 regime: they restart after every switch
-        self.trigger_state, self.trigger_regime = TriggerState(), self.state.regime
-        self.triggered: list[ReplayRequest] = []  # triggered windows waiting for a replay slot
-        self.main_step = 0
         self.final_eval_loss: float | None = None
-        self.main = MainJob(job, store_uri, run)
-        self.pool = ReplayPool(job, store_uri, run)
-        self.finished: list[Replay] = []  # done, waiting for the main job to cover their window
         self.stop_requested: str | None = None
-        self.policy_version = 1
-        self.store = open_store(store_uri, run)  # for pins; the main trainer owns writing and retention
-        self.rollback_pin: int | None = None
-        self.checkpoint_failures_in_row = 0
-        self.judged: list[ReplayRequest] = []  # windows of this regime judged: they cover their steps for triggers
-        # per purpose the newest window of this regime judged or given up: all scheduling needs (its
-        # high-water marks only move forward)
-        self.settled_latest: dict[Purpose, ReplayRequest] = {}
+        self.events = EventLog(callbacks)
+        self.ledger = CheckpointLedger(open_store(store_uri, run), self.events,
+                                       max_failures_in_row=job.run.max_checkpoint_failures,
+                                       committed=resume.committed if resume else ())
+        self.main = MainJob(job, store_uri, run, history=resume.history if resume else (),
+                            trained=resume.trained if resume else ())
+        self.verification = Verification(job, store_uri, run, ledger=self.ledger, events=self.events,
+                                         callbacks=callbacks, regime=self.state.regime, lineage=self.state.lineage,
+                                         resume=resume)
         self.started = time.perf_counter()
 
-    # ----------------------------------------------------------------------------- events
     def emit(self, event_name: str, /, **payload) -> dict:
-        event = {"event": event_name, "time_unix": round(time.time(), 3), **payload}
-        for callback in self.callbacks:
-            callback.on_event(event)
-        return event
-
-    def _commit_point(self) -> None:
-        for callback in self.callbacks:
-            callback.on_commit_point()
+        return self.events.emit(event_name, **payload)
 
     def _transition(self, phase: Phase, reason: str) -> None:
         if phase not in ALLOWED[self.phase]:
             raise ControllerError(f"controller: no transition {self.phase.value} -> {phase.value}")
         self.emit("controller_phase", old=self.phase.value, new=phase.value, reason=reason)
         self.phase = phase
-
-    @property
-    def policy_state(self) -> PolicyState:
-        return PolicyState.from_dict(self.state.policy_state)
 
     # ----------------------------------------------------------------------------- run
     def run(self) -> dict:
@@ -107,10 +86,10 @@ class Controller(CommitsMixin, VerificationMixin, DecisionsMixin):
             for callback in self.callbacks:
                 callback.on_policy(self.policy_version, to_yaml(self.policy))
             self._start_main()
-            self._transition(Phase.TRAINING, f"main trainer at step {self.main_step} in {self.state.precision}")
+            self._transition(Phase.TRAINING, f"main trainer at step {self.main.step} in {self.state.precision}")
             self._loop()
             self._finish_main()
-            self._transition(Phase.FINISHED, f"main job reached step {self.main_step}")
+            self._transition(Phase.FINISHED, f"main job reached step {self.main.step}")
         except KeyboardInterrupt:
             self._final_checkpoint()
             self._transition(Phase.INTERRUPTED, self.stop_requested or "interrupted")
@@ -131,7 +110,7 @@ class Controller(CommitsMixin, VerificationMixin, DecisionsMixin):
     def _release(self) -> None:
         """Give every actor and placement group back to the cluster (a shared cluster outlives the run)."""
         self.main.shutdown()
-        self.pool.shutdown()
+        self.verification.shutdown()
 
     def _safely(self, action) -> None:
         """At the end of a failed run, writing the record may fail too (a full disk): report, go on."""
@@ -149,65 +128,33 @@ class Controller(CommitsMixin, VerificationMixin, DecisionsMixin):
                     result = self.main.collect(ref)
                     if result is not None:
                         self._on_chunk(result)
-            self._on_checkpoint_events(self.main.leader("flush"))
-            if self.main_step not in self.committed:
+            self._record_checkpoints(self.main.leader("flush"))
+            if self.main.step not in self.ledger.committed:
                 commit = self.main.leader("commit_now")
-                self._on_checkpoint_events([commit.to_event()])
+                self._record_checkpoints([commit.to_event()])
         except Exception as exc:  # the main trainer is gone: the last committed checkpoint stands
             self.emit("final_checkpoint_failed", error=f"{type(exc).__name__}: {exc}",
-                      last_committed=self.committed.newest())
-
-    def _start_main(self) -> None:
-        self._check_replay_layout()
-        inert = self._inert_trigger_rules(self.policy)
-        if inert:  # a guard that can never fire must not look like one
-            raise ControllerError("; ".join(inert))
-        nodes = self.main.start_group()
-        self.emit("main_started", ranks=len(nodes), nodes=nodes, generation=self.main.generation)
-        if self.resume is None:
-            commit = self.main.call("start", self.state.precision)
-            self.main_step = commit.step
-            self._on_checkpoint_events([commit.to_event()])
-        else:
-            point = self.resume
-            for step, reasons in self.store.pins().items():  # replays of the dead driver are gone
-                for reason in reasons:
-                    if reason.startswith("replay-"):
-                        self._unpin(step, reason)
-            for step, error in point.rejected:
-                self.emit("checkpoint_rejected", step=step, error=error)
-            self.main_step = self.main.call("restore", self.store_uri, point.restore_run, point.restore_step,
-                                            self.state.precision)
-            self.emit("resumed", step=self.main_step, from_run=point.restore_run, lineage=self.state.lineage,
-                      steps_lost=point.steps_lost, state=self.state.to_dict())
-
-    def _check_replay_layout(self) -> None:
-        micro = self.job.resources.num_ranks * self.job.resources.grad_accum
-        replay_ranks = self.policy.verify.replay_resources.num_ranks
-        if micro % replay_ranks:
-            raise ControllerError(
-                f"verify.replay_resources.num_ranks={replay_ranks} cannot share the main job's {micro} micro-batches "
-                f"(resources.num_ranks x resources.grad_accum) evenly; use a divisor of {micro}")
+                      last_committed=self.ledger.committed.newest())
 
     def _loop(self) -> None:
-        self._schedule_replays()
+        self._schedule()
         while True:
             if self.stop_requested:
                 raise KeyboardInterrupt
-            if not self.main.chunk_running and self.main_step < self.job.steps:
+            if not self.main.chunk_running and self.main.step < self.job.steps:
                 if self.phase is Phase.DRAINING:
-                    self._transition(Phase.TRAINING, f"main job rolled back to step {self.main_step}")
+                    self._transition(Phase.TRAINING, f"main job rolled back to step {self.main.step}")
                 self._launch_chunk()
             if not self.main.chunk_running:
-                if self.phase is Phase.TRAINING and self.pool.running:
-                    self._transition(Phase.DRAINING, f"main job done, {len(self.pool.running)} replay(s) still running")
-                for replay in self.pool.abandon_unstarted(grace_s=15.0):
-                    self._give_up(replay, "the main job finished while it was still waiting for resources")
-            refs = self.main.pending_refs + self.pool.refs()
+                num_running = self.verification.num_running
+                if self.phase is Phase.TRAINING and num_running:
+                    self._transition(Phase.DRAINING, f"main job done, {num_running} replay(s) still running")
+                self.verification.abandon_unstarted()
+            refs = self.main.pending_refs + self.verification.refs()
             if not refs:
                 return
             ready, _ = ray.wait(refs, num_returns=1, timeout=1.0)
-            self._report_waiting()
+            self.verification.report_waiting(self.policy)
             if not ready:
                 continue
             ref = ready[0]
@@ -220,77 +167,205 @@ class Controller(CommitsMixin, VerificationMixin, DecisionsMixin):
                     if result is not None:
                         self._on_chunk(result)
             else:
-                self._on_replay_done(ref)
+                self.verification.on_done(ref, self.policy)
             if not self.main.chunk_running:
                 self._decision_point()
-            self._schedule_replays()
+            self._schedule()
+
+    def _schedule(self) -> None:
+        self.verification.schedule(self.policy, self.state.policy_state, self.main.step)
 
     # ----------------------------------------------------------------------------- main job
+    def _start_main(self) -> None:
+        self._check_replay_layout()
+        inert = self.verification.inert_trigger_rules(self.policy)
+        if inert:  # a guard that can never fire must not look like one
+            raise ControllerError("; ".join(inert))
+        self._start_main_group()
+        if self.resume is None:
+            commit = self.main.call("start", self.state.precision)
+            self.main.step = commit.step
+            self._record_checkpoints([commit.to_event()])
+            return
+        point = self.resume
+        self.ledger.unpin_replays_of_a_dead_driver()
+        for step, error in point.rejected:
+            self.emit("checkpoint_rejected", step=step, error=error)
+        self.main.restore(point.restore_run, point.restore_step, self.state.precision,
+                          keep_history_before=point.restore_step)
+        self.emit("resumed", step=self.main.step, from_run=point.restore_run, lineage=self.state.lineage,
+                  steps_lost=point.steps_lost, state=self.state.to_dict())
+
+    def _start_main_group(self) -> None:
+        nodes = self.main.start_group()
+        self.emit("main_started", ranks=len(nodes), nodes=nodes, generation=self.main.generation)
+
+    def _check_replay_layout(self) -> None:
+        micro = self.job.resources.num_ranks * self.job.resources.grad_accum
+        replay_ranks = self.policy.verify.replay_resources.num_ranks
+        if micro % replay_ranks:
+            raise ControllerError(
+                f"verify.replay_resources.num_ranks={replay_ranks} cannot share the main job's {micro} micro-batches "
+                f"(resources.num_ranks x resources.grad_accum) evenly; use a divisor of {micro}")
+
     def _launch_chunk(self) -> None:
-        until = min(self.job.steps, self.main_step + self.job.run.chunk_steps)
-        every = self.job.checkpoint.every_steps
-        next_checkpoint = (self.main_step // every + 1) * every
-        until = min(until, next_checkpoint)  # a chunk ends at a checkpoint, so replays can start from it at once
+        step, every = self.main.step, self.job.checkpoint.every_steps
+        until = min(self.job.steps, step + self.job.run.chunk_steps)
+        until = min(until, (step // every + 1) * every)  # a chunk ends at a checkpoint, so replays can start from it at once
         eval_batches = self.policy.verify.eval_batches
-        eval_after = tuple(r.request.start_step + r.request.num_steps for r in self.pool.running
-                           if r.request.start_step + r.request.num_steps > self.main_step) if eval_batches else ()
+        eval_after = self.verification.windows.running_ends_after(step) if eval_batches else ()
         self.main.launch_chunk(until, eval_after, eval_batches, self.state.lineage)
 
     def _on_chunk(self, result) -> None:
-        for record in result.records:
-            self.history[record.step] = record
-        self.trained.extend(result.records)
         for callback in self.callbacks:
             callback.on_main_records(result.records)
-        self._on_checkpoint_events(result.checkpoint_events)
-        self.main_step = result.step
-        self._verify_nonfinite(result.records)
-        self._watch_signals(result.records)
+        self._record_checkpoints(result.checkpoint_events)
+        self.verification.after_chunk(result.records, self.policy, self.state.policy_state)
+
+    def _record_checkpoints(self, checkpoint_events: list[dict]) -> None:
+        self.ledger.record(checkpoint_events, self.state.lineage)
 
     def _restart_main(self, error: Exception) -> None:
         """The main trainer's process died: start a new one from the newest checkpoint that loads."""
         restarts = self.state.num_main_restarts + 1
         limit = self.job.run.max_main_restarts
-        lost_from = self.main_step
+        lost_from = self.main.step
         if restarts > limit:
             raise ControllerError(f"the main trainer died {restarts} times (run.max_main_restarts={limit}); "
                                   f"last error: {first_line(error)}")
-        nodes = self.main.start_group()
-        self.emit("main_started", ranks=len(nodes), nodes=nodes, generation=self.main.generation)
-        for step in sorted(self.committed, reverse=True):
+        self._start_main_group()
+        for step in sorted(self.ledger.committed, reverse=True):
             try:
-                self.main_step = self.main.call("restore", self.store_uri, self.run_name, step, self.state.precision)
+                self.main.restore(self.run_name, step, self.state.precision, keep_history_before=step)
                 break
             except ray.exceptions.RayTaskError as exc:  # a damaged checkpoint: fall back to the one before
-                self.emit("checkpoint_rejected", step=step, error=first_line(exc))
-                self.committed.discard(step)
+                self.ledger.reject(step, first_line(exc))
         else:
             raise ControllerError(f"the main trainer died and no committed checkpoint of lineage "
                                   f"{self.state.lineage} could be loaded: {first_line(error)}")
         self.state = replace(self.state, lineage=self.state.lineage + 1, num_main_restarts=restarts,
-                             restore_step=self.main_step, restore_run=self.run_name)
+                             restore_step=self.main.step, restore_run=self.run_name)
         # the steps after the restore point are trained again: their signals and windows start over
-        self.trigger_state, self.triggered = TriggerState(), []
-        self.judged = [r for r in self.judged if r.start_step + r.num_steps <= self.main_step]
-        for step in [s for s in self.history if s >= self.main_step]:
-            del self.history[step]
-        self.emit("main_restarted", restart=restarts, limit=limit, step=self.main_step,
-                  discarded=[self.main_step, lost_from], error=first_line(error), state=self.state.to_dict())
-        self._commit_point()
+        self.verification.new_lineage(self.state.lineage, from_step=self.main.step)
+        self.emit("main_restarted", restart=restarts, limit=limit, step=self.main.step,
+                  discarded=[self.main.step, lost_from], error=first_line(error), state=self.state.to_dict())
+        self.events.commit_point()
 
     def _finish_main(self) -> None:
-        self._on_checkpoint_events(self.main.leader("flush"))
-        if self.history and self.job.eval.batches:
+        self._record_checkpoints(self.main.leader("flush"))
+        if self.main.history and self.job.eval.batches:
             self.final_eval_loss = self.main.leader("evaluate", self.job.eval.batches)
-            self.emit("final_evaluation", step=self.main_step, eval_loss=self.final_eval_loss)
+            self.emit("final_evaluation", step=self.main.step, eval_loss=self.final_eval_loss)
+
+    # ----------------------------------------------------------------------------- decisions
+    def _decision_point(self) -> None:
+        self._reload_policy()
+        main_done = self.main.step >= self.job.steps
+        for replay in self.verification.windows.ready_to_judge(self.main.step, main_done):
+            if not self.verification.windows.is_current(replay):  # an earlier verdict switched
+                self.emit("replay_discarded", name=replay.name, reason="a switch was applied before it was judged")
+                continue
+            self._judge(replay)
+
+    def _reload_policy(self) -> None:
+        if self.watcher is None:
+            return
+        polled = self.watcher.poll()
+        if polled.event is not None:
+            event = dict(polled.event)
+            self.emit(event.pop("event"), **event)
+            if polled.policy is not self.policy:
+                self.policy_version += 1
+                for problem in self.verification.inert_trigger_rules(polled.policy):
+                    self.emit("trigger_rule_inert", reason=problem)
+                for callback in self.callbacks:
+                    callback.on_policy(self.policy_version, to_yaml(polled.policy))
+        self.policy = polled.policy
+
+    def _judge(self, replay: Replay) -> None:
+        self.verification.windows.judge(replay)
+        window = range(replay.request.start_step, replay.end_step)
+        main_rows = [self.main.history[s] for s in window if s in self.main.history]
+        main_eval = main_rows[-1].eval_loss if main_rows and main_rows[-1].step == window[-1] else None
+        verdict = compare(main_rows, replay.result.records, window=(window.start, window.stop),
+                          ignore_first_steps=self.policy.compare.ignore_first_steps,
+                          end_fraction=self.policy.compare.end_fraction,
+                          main_eval_loss=main_eval, replay_eval_loss=replay.result.eval_loss)
+        outcome = decide(self.policy, self.state.policy_state, verdict, main_step=self.main.step)
+        self.state = replace(self.state, policy_state=outcome.state)
+        metric = self.policy.compare.metric.value
+        level = next((d.payload.get("level") for d in outcome.decisions if "level" in d.payload), "not judged")
+        row = {"name": replay.name, "purpose": replay.request.purpose.value, "window_start": window.start,
+               "window_end": window.stop, "metric": metric, "value": verdict.metric(metric), "level": level,
+               "kind": verdict.kind.value}
+        self.verdict_rows.append(row)
+        self.emit("verdict", **row, verdict=verdict.to_dict())
+        for decision in outcome.decisions:
+            self.emit("decision", name=replay.name, **decision.to_dict(), state=self.state.to_dict())
+        self.events.commit_point()
+        for decision in outcome.decisions:
+            self._apply(decision, replay)
+        self.ledger.pin_rollback_target(self.state.policy_state.last_verified_step)
+
+    def _apply(self, decision: Decision, replay: Replay) -> None:
+        if decision.kind is DecisionKind.SWITCH_TO_BF16:
+            on_switch = OnSwitch(decision.payload.get("on_switch", OnSwitch.BF16.value))
+            if on_switch is OnSwitch.ROLLBACK:
+                step = decision.payload["resume_step"]
+                self._restart_lineage(step=step, run=self.run_name, kind="rollback", decision=decision,
+                                      keep_history_before=step)
+            elif on_switch is OnSwitch.ADOPT_REPLAY and replay.save_end_run is not None:
+                self._adopt(replay, decision)
+            else:
+                self._switch_precision("bf16", decision)
+        elif decision.kind is DecisionKind.SWITCH_TO_FP8:
+            self._switch_precision("fp8", decision)
+        elif decision.kind is DecisionKind.STAY_BF16 and self.state.precision != "bf16":
+            self._switch_precision("bf16", decision)
+
+    def _switch_precision(self, precision: str, decision: Decision) -> None:
+        old = self.state.precision
+        self.state = replace(self.state, precision=precision, regime=self.state.regime + 1,
+                             num_precision_switches=self.state.num_precision_switches + (precision != old))
+        self.verification.new_regime(self.state.regime, self.state.lineage)
+        self.main.call("set_precision", precision)
+        self.emit("precision_switched", old=old, new=precision, step=self.main.step, reason=decision.reason,
+                  state=self.state.to_dict())
+
+    def _restart_lineage(self, *, step: int, run: str, kind: str, decision: Decision, keep_history_before: int) -> None:
+        """Continue the main job in BF16 from a committed checkpoint; later rows become discarded history."""
+        # a save still in flight belongs to the old branch: take its outcome under the old lineage first
+        self._record_checkpoints(self.main.leader("flush"))
+        old_step, old_precision = self.main.step, self.state.precision
+        self.state = replace(self.state, precision="bf16", regime=self.state.regime + 1,
+                             lineage=self.state.lineage + 1, restore_step=step, restore_run=run,
+                             num_precision_switches=self.state.num_precision_switches + (old_precision != "bf16"))
+        self.verification.new_regime(self.state.regime, self.state.lineage)
+        self.emit(kind, old_step=old_step, new_step=step, discarded=[min(step, keep_history_before), old_step],
+                  reason=decision.reason, state=self.state.to_dict())
+        if old_precision != "bf16":
+            self.emit("precision_switched", old=old_precision, new="bf16", step=step, reason=decision.reason,
+                      state=self.state.to_dict())
+        self.events.commit_point()
+        self.main.restore(run, step, "bf16", keep_history_before=keep_history_before)
+        self.ledger.abandon_after(keep_history_before, kind)
+
+    def _adopt(self, replay: Replay, decision: Decision) -> None:
+        start = replay.request.start_step
+        self._restart_lineage(step=replay.end_step, run=replay.save_end_run, kind="replay_adopted",
+                              decision=decision, keep_history_before=start)
+        adopted = [replace(r, lineage=self.state.lineage) for r in replay.result.records]
+        self.main.adopt(adopted)
+        for callback in self.callbacks:
+            callback.on_main_records(adopted)
 
     # ----------------------------------------------------------------------------- summary
     def _summary(self) -> dict:
-        history = [self.history[s] for s in sorted(self.history)]
-        return build_summary(history=history, trained=self.trained, replay_steps=self.replay_steps,
-                             verdicts=self.verdict_rows, triggers=self.trigger_rows,
-                             num_triggered_replays=self.num_triggered_replays,
-                             num_switches=self.state.num_switches,
+        return build_summary(history=self.main.kept_history(), trained=self.main.trained,
+                             replay_steps=self.verification.replay_steps, verdicts=self.verdict_rows,
+                             triggers=self.verification.trigger_rows,
+                             num_triggered_replays=self.verification.num_triggered_replays,
+                             num_precision_switches=self.state.num_precision_switches,
                              final_eval_loss=self.final_eval_loss, fp8_speedup=self.job.run.fp8_speedup,
                              wall_s=time.perf_counter() - self.started, phase=self.phase.value,
-                             policy_state=self.state.policy_state)
+                             policy_state=self.state.policy_state.to_dict())

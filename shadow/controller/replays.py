@@ -1,9 +1,10 @@
-"""Replays in flight: rank groups reused window after window, their futures, failures and retries.
+"""Replays on Ray: rank groups reused window after window, their futures, failures and resources.
 
 Each replay runs on a group of `verify.replay_resources.num_ranks` ranks on its own placement group;
 when the micro-batches of the main job's step (num_ranks x grad_accum) are shared by fewer replay
 ranks, each replay rank accumulates more of them, so the loss of a step is the loss over the same
 global batch. A group that cannot get its resources waits (reported) and never blocks the main job.
+What a window means and where it is in its life cycle is `windows.py`'s business; this pool only runs them.
 """
 
 from __future__ import annotations
@@ -17,23 +18,18 @@ from shadow.config.job import JobConfig
 from shadow.config.policy import Policy
 from shadow.controller.actors import ReplayResult, ReplayTask, ReplayWorker
 from shadow.controller.groups import RankGroup
-from shadow.policy import ReplayRequest
+from shadow.controller.windows import Replay
 
 
 @dataclass
-class Replay:
-    name: str
-    request: ReplayRequest
-    regime: int  # the controller's regime and lineage when it started: a later switch makes it stale
-    lineage: int
-    save_end_run: str | None  # where its end state is saved (adopt_replay)
-    pin: str  # pin reason holding the start checkpoint against retention while it runs
-    attempt: int = 0
-    group: RankGroup | None = None
-    refs: list = field(default_factory=list)
+class _Run:
+    """A replay on its group: the futures of its ranks, and those not returned yet."""
+
+    replay: Replay
+    group: RankGroup
+    refs: list
     pending: list = field(default_factory=list)
-    result: ReplayResult | None = None
-    started_at: float = 0.0
+    started_at: float = field(default_factory=time.monotonic)
     reported_waiting: bool = False
 
 
@@ -42,86 +38,80 @@ class ReplayPool:
         self.job = job
         self.store_uri = store_uri
         self.run = run
-        self.running: list[Replay] = []
-        self.idle_groups: list[RankGroup] = []
-        self.num_groups = 0
+        self._runs: list[_Run] = []
+        self._idle_groups: list[RankGroup] = []
+        self._num_groups = 0
 
     def _group(self, policy: Policy) -> RankGroup:
         resources = policy.verify.replay_resources
         micro = self.job.resources.num_ranks * self.job.resources.grad_accum
-        for group in self.idle_groups:
+        for group in self._idle_groups:
             if group.num_ranks == resources.num_ranks:
-                self.idle_groups.remove(group)
+                self._idle_groups.remove(group)
                 return group
-        self.num_groups += 1
+        self._num_groups += 1
         group = RankGroup(ReplayWorker, (self.job,), num_ranks=resources.num_ranks, num_micro_batches=micro,
                           num_cpus=resources.num_cpus, num_gpus=resources.num_gpus,
-                          name=f"shadow-replay-{self.run}-{self.num_groups}")
+                          name=f"shadow-replay-{self.run}-{self._num_groups}")
         group.setup()  # queued before the first run on every rank; not waited for
         return group
 
     def start(self, replay: Replay, policy: Policy) -> None:
         """Start (or retry) a replay on an idle group of the right size, or a new one."""
-        replay.group = self._group(policy)
-        replay.started_at = time.monotonic()
+        group = self._group(policy)
         task = ReplayTask(replay.request.start_step, replay.request.num_steps, replay.request.precision,
                           self.store_uri, self.run, policy.verify.eval_batches, replay.save_end_run, replay.attempt)
-        replay.refs = replay.group.call("run", task)
-        replay.pending = list(replay.refs)
-        self.running.append(replay)
-
-    def waiting_for_resources(self, after_s: float) -> list[Replay]:
-        """Replays started over `after_s` ago whose group still has no resources, not reported before."""
-        now = time.monotonic()
-        waiting = [r for r in self.running if not r.reported_waiting and now - r.started_at > after_s
-                   and not r.group.has_resources()]
-        for replay in waiting:
-            replay.reported_waiting = True
-        return waiting
+        refs = group.call("run", task)
+        self._runs.append(_Run(replay, group, refs, pending=list(refs)))
 
     def refs(self) -> list:
-        return [ref for replay in self.running for ref in replay.pending]
+        return [ref for run in self._runs for ref in run.pending]
 
-    def owner(self, ref) -> Replay:
-        return next(r for r in self.running if any(ref == p for p in r.pending))
-
-    def collect(self, ref) -> tuple[Replay | None, Exception | None]:
-        """A rank returned. (replay, None) once every rank of it is done; (replay, error) at the first
-        failure (the group is discarded if a rank died); (None, None) while ranks are still running."""
-        replay = self.owner(ref)
-        replay.pending = [r for r in replay.pending if r != ref]
+    def collect(self, ref) -> tuple[Replay, ReplayResult | None, Exception | None] | None:
+        """A rank returned: (replay, result, None) once every rank of it is done; (replay, None, error) at
+        the first failure (the group is discarded if a rank died); None while ranks are still running."""
+        run = next(r for r in self._runs if any(ref == p for p in r.pending))
+        run.pending = [r for r in run.pending if r != ref]
         try:
             ray.get(ref)
         except (ray.exceptions.RayActorError, ray.exceptions.RayTaskError) as exc:
             # a lone rank that raised can run the next window; ranks of a group may be stuck in a
             # collective with the failed one, and a dead rank cannot rejoin: such groups go
-            reusable = replay.group.num_ranks == 1 and not isinstance(exc, ray.exceptions.RayActorError)
-            self._finish(replay, keep_group=reusable)
-            return replay, exc
-        if replay.pending:
-            return None, None
-        replay.result = ray.get(replay.refs[0])
-        self._finish(replay, keep_group=True)
-        return replay, None
+            reusable = run.group.num_ranks == 1 and not isinstance(exc, ray.exceptions.RayActorError)
+            self._end(run, keep_group=reusable)
+            return run.replay, None, exc
+        if run.pending:
+            return None
+        self._end(run, keep_group=True)
+        return run.replay, ray.get(run.refs[0]), None
 
-    def _finish(self, replay: Replay, keep_group: bool) -> None:
-        self.running.remove(replay)
+    def _end(self, run: _Run, keep_group: bool) -> None:
+        self._runs.remove(run)
         if keep_group:
-            self.idle_groups.append(replay.group)
+            self._idle_groups.append(run.group)
         else:
-            replay.group.kill()  # a group with a dead rank cannot run collectives again
+            run.group.kill()  # a group with a dead rank cannot run collectives again
+
+    def waiting_for_resources(self, after_s: float) -> list[Replay]:
+        """Replays started over `after_s` ago whose group still has no resources, not reported before."""
+        now = time.monotonic()
+        waiting = [r for r in self._runs if not r.reported_waiting and now - r.started_at > after_s
+                   and not r.group.has_resources()]
+        for run in waiting:
+            run.reported_waiting = True
+        return [run.replay for run in waiting]
 
     def abandon_unstarted(self, grace_s: float) -> list[Replay]:
         """Replays started over `grace_s` ago whose group still has no resources: removed and returned
         (the end of a run waits that long for resources that may be on their way, not longer)."""
         now = time.monotonic()
-        stuck = [r for r in self.running if now - r.started_at > grace_s and not r.group.has_resources()]
-        for replay in stuck:
-            self.running.remove(replay)
-            replay.group.kill()
-        return stuck
+        stuck = [r for r in self._runs if now - r.started_at > grace_s and not r.group.has_resources()]
+        for run in stuck:
+            self._runs.remove(run)
+            run.group.kill()
+        return [run.replay for run in stuck]
 
     def shutdown(self) -> None:
-        for group in [*self.idle_groups, *(r.group for r in self.running)]:
+        for group in [*self._idle_groups, *(r.group for r in self._runs)]:
             group.kill()
-        self.idle_groups, self.running = [], []
+        self._idle_groups, self._runs = [], []

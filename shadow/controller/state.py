@@ -18,6 +18,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from enum import Enum
 
+from shadow.policy import PolicyState
+
 
 class Phase(str, Enum):
     STARTING = "starting"
@@ -46,18 +48,22 @@ class RunState:
     events.jsonl is always consistent with the decisions logged before it.
     """
 
-    policy_state: dict = field(default_factory=dict)  # shadow.policy.PolicyState.to_dict()
+    policy_state: PolicyState = field(default_factory=PolicyState)  # the policy's machine and counters
     precision: str = "fp8"  # the main job's precision from the next step on
     lineage: int = 0  # increases at every rollback, adopted replay or restart of the main job
     regime: int = 0  # increases at every precision switch; replays of an older regime are dropped
-    num_switches: int = 0  # precision switches applied to the main job, either direction
+    num_precision_switches: int = 0  # precision switches applied to the main job, either direction
     num_main_restarts: int = 0  # times the main trainer died and was restarted from a checkpoint
     restore_step: int | None = None  # the checkpoint the current lineage started from
     restore_run: str | None = None  # its run name in the store (the main run, or a replay's end state)
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        return {**asdict(self), "policy_state": self.policy_state.to_dict()}
 
     @classmethod
     def from_dict(cls, data: dict) -> "RunState":
-        return cls(**{k: v for k, v in data.items() if k in cls.__dataclass_fields__})
+        if "num_switches" in data:  # the name run directories written before 0.2 use
+            data = {"num_precision_switches": data["num_switches"], **data}
+        values = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
+        values["policy_state"] = PolicyState.from_dict(values.get("policy_state") or {})
+        return cls(**values)

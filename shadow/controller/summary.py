@@ -27,7 +27,8 @@ def effective_speedup(*, kept_steps: int, trained_fp8: int, trained_bf16: int, r
 
 
 def build_summary(*, history: list[StepRecord], trained: list[StepRecord], replay_steps: dict[str, int],
-                  verdicts: list[dict], triggers: list[dict], num_triggered_replays: int, num_switches: int,
+                  verdicts: list[dict], triggers: list[dict], num_triggered_replays: int,
+                  num_precision_switches: int,
                   final_eval_loss: float | None,
                   fp8_speedup: float, wall_s: float, phase: str, policy_state: dict) -> dict:
     trained_fp8 = sum(1 for r in trained if r.precision == "fp8")
@@ -46,7 +47,8 @@ def build_summary(*, history: list[StepRecord], trained: list[StepRecord], repla
         "num_verifications": purposes.count("verify"),
         "num_probes": purposes.count("probe"),
         "num_noise_windows": purposes.count("noise"),
-        "num_switches": num_switches,
+        "num_precision_switches": num_precision_switches,  # applied to the main job, either direction
+        "num_fallbacks": policy_state.get("num_fallbacks", 0),  # FP8 -> BF16 fallbacks enforced (action.max_switches bounds them)
         "num_triggers_fired": len(triggers),  # signals that fired (several may fire at one step)
         "num_trigger_steps": len({t["step"] for t in triggers}),
         "num_triggered_replays": num_triggered_replays,  # replays started for a firing
@@ -72,7 +74,8 @@ def format_summary(summary: dict) -> str:
         f"steps            fp8 {summary['steps_fp8']}   bf16 {summary['steps_bf16']}   "
         f"discarded {summary['steps_discarded']}",
         f"verifications    {summary['num_verifications']}   probes {summary['num_probes']}   "
-        f"noise windows {summary['num_noise_windows']}   switches {summary['num_switches']}",
+        f"noise windows {summary['num_noise_windows']}   precision switches {summary['num_precision_switches']}"
+        f"   fallbacks {summary['num_fallbacks']}",
         f"triggers fired   {summary['num_triggers_fired']}   triggered replays {summary['num_triggered_replays']}",
         f"verification cost {summary['verification_cost']:.2f} replay steps per main step",
         f"effective speedup wall {_num(speed['wall'], '.2f')}x   compute {_num(speed['compute'], '.2f')}x   "

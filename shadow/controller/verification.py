@@ -1,5 +1,11 @@
-"""When replays start and what happens when they end: the fixed cadence, telemetry triggers,
-non-finite losses, retries, and replays that wait for resources."""
+"""When replays start and what happens when they end: the cadence, telemetry triggers, non-finite
+losses, retries, and replays that wait for resources.
+
+`Verification` composes the window book (`windows.py`, the life cycle), the Ray pool (`replays.py`)
+and the policy's pure scheduling and trigger functions; the controller calls it between chunks and
+gets back the replays that are ready to be judged. It reads the checkpoint ledger (which checkpoints
+are committed) and pins each replay's start checkpoint there.
+"""
 
 from __future__ import annotations
 
@@ -7,35 +13,66 @@ import math
 
 import ray
 
-from shadow.checkpoint import CheckpointError
+from shadow.config.job import JobConfig
 from shadow.config.policy import OnSwitch, Policy
+from shadow.controller.callbacks import EventLog, RunCallback
 from shadow.controller.errors import first_line
-from shadow.controller.replays import Replay
-from shadow.policy import Firing, Machine, Purpose, ReplayRequest, TriggerState, due_replays, watch
+from shadow.controller.ledger import CheckpointLedger
+from shadow.controller.replays import ReplayPool
+from shadow.controller.resume import ResumePoint
+from shadow.controller.windows import Replay, ReplayWindows
+from shadow.policy import Firing, Machine, PolicyState, Purpose, ReplayRequest, TriggerState, due_replays, watch
 from shadow.records import StepRecord
 from shadow.signals import why_never_produced
 
 
-class VerificationMixin:
-    """Part of `Controller` (shadow/controller/controller.py); reads and writes its state."""
+class Verification:
+    def __init__(self, job: JobConfig, store_uri: str, run: str, *, ledger: CheckpointLedger, events: EventLog,
+                 callbacks: list[RunCallback], regime: int, lineage: int, resume: ResumePoint | None):
+        self.job = job
+        self.run = run
+        self.ledger = ledger
+        self.events = events
+        self.callbacks = callbacks
+        self.pool = ReplayPool(job, store_uri, run)
+        self.windows = ReplayWindows(regime=regime, lineage=lineage,
+                                     num_started=resume.num_replays if resume else 0)
+        self.trigger_state = TriggerState()  # the triggers' rolling windows: one FP8 regime's signals
+        self.trigger_rows: list[dict] = list(resume.trigger_rows) if resume else []  # every firing
+        self.num_triggered_replays = resume.num_triggered_replays if resume else 0
+        self.replay_steps: dict[str, int] = dict(resume.replay_steps) if resume else {}  # replayed, by precision
 
-    def _verify_nonfinite(self, records: list[StepRecord]) -> None:
+    # ------------------------------------------------------------------ regimes
+    def new_regime(self, regime: int, lineage: int) -> None:
+        self.windows.new_regime(regime, lineage)
+        self.trigger_state = TriggerState()
+
+    def new_lineage(self, lineage: int, from_step: int) -> None:
+        self.windows.new_lineage(lineage, from_step)
+        self.trigger_state = TriggerState()
+
+    # ------------------------------------------------------------------ what the main job trained
+    def after_chunk(self, records: list[StepRecord], policy: Policy, policy_state: PolicyState) -> None:
+        self._verify_nonfinite(records, policy)
+        self._watch_signals(records, policy, policy_state)
+
+    def _verify_nonfinite(self, records: list[StepRecord], policy: Policy) -> None:
         """A non-finite FP8 loss cannot wait for the cadence: replay its window in BF16 at once, so the
         policy judges it (a `nonfinite` verdict) whether or not a scheduled window covers the step."""
         bad = [r.step for r in records if r.precision == "fp8" and not math.isfinite(r.loss)]
         if not bad:
             return
-        window = self.policy.verify.window_steps
-        taken = [r.request for r in [*self.pool.running, *self.finished]]
-        starts = [s for s in self.committed if s <= bad[0] < s + window]
-        covered = any(r.start_step <= bad[0] < r.start_step + r.num_steps for r in taken)
-        if starts and not covered and max(starts) + window <= self.job.steps:
-            request = ReplayRequest(max(starts), window, self.policy.verify.replay_precision.value, Purpose.VERIFY)
-            self.emit("replay_triggered", step=bad[0], reason=f"non-finite FP8 loss at step {bad[0]}",
-                      **request.to_dict())
-            self._launch_replay(request)
+        window = policy.verify.window_steps
+        start = self.ledger.committed.newest(at_or_before=bad[0])
+        if start is None or start + window <= bad[0] or self.windows.covering(bad[0]) is not None:
+            return
+        if start + window <= self.job.steps:
+            request = ReplayRequest(start, window, policy.verify.replay_precision.value, Purpose.VERIFY)
+            self.events.emit("replay_triggered", step=bad[0], reason=f"non-finite FP8 loss at step {bad[0]}",
+                             **request.to_dict())
+            self._launch(request, policy)
 
-    def _inert_trigger_rules(self, policy: Policy) -> list[str]:
+    def inert_trigger_rules(self, policy: Policy) -> list[str]:
         """Trigger rules this job can never fire (their signal is never produced), each with why."""
         precision = self.job.precision
         found = []
@@ -47,139 +84,127 @@ class VerificationMixin:
                 found.append(f"triggers.rules[{index}] watches {rule.signal!r}, which this job never produces: {why}")
         return found
 
-    def _watch_signals(self, records: list[StepRecord]) -> None:
+    def _watch_signals(self, records: list[StepRecord], policy: Policy, policy_state: PolicyState) -> None:
         """Feed FP8 steps' signals to the policy's triggers (pure: `shadow.policy.triggers`); a firing
-        queues a verification replay of its step (`_on_trigger`)."""
-        triggers = self.policy.triggers
-        if not triggers.rules or self.policy_state.machine not in (Machine.FP8, Machine.FP8_PROBATION):
+        requests a verification replay of its step."""
+        if not policy.triggers.rules or policy_state.machine not in (Machine.FP8, Machine.FP8_PROBATION):
             return
-        if self.trigger_regime != self.state.regime:
-            self.trigger_state, self.trigger_regime = TriggerState(), self.state.regime
         for record in records:
             if record.precision != "fp8":
                 continue
             values = {**record.telemetry, "loss": record.loss, "grad_norm": record.grad_norm}
-            self.trigger_state, firings = watch(triggers, self.trigger_state, record.step, values)
+            self.trigger_state, firings = watch(policy.triggers, self.trigger_state, record.step, values)
             if firings:
-                self._on_trigger(record.step, firings)
+                self._on_trigger(record.step, firings, policy, policy_state)
 
-    def _on_trigger(self, step: int, firings: list[Firing]) -> None:
+    def _on_trigger(self, step: int, firings: list[Firing], policy: Policy, policy_state: PolicyState) -> None:
         """Replay from the latest committed checkpoint of this regime at or before `step`, through
-        `step` (at least W steps), unless a verification window that will be judged covers the step."""
-        window = self.policy.verify.window_steps
-        start = self.committed.newest(at_or_before=min(step, self.job.steps - window))
-        taken = [r.request for r in [*self.pool.running, *self.finished]] + self.judged + self.triggered
-        covering = next((r for r in taken if r.purpose is Purpose.VERIFY
-                         and r.start_step <= step < r.start_step + r.num_steps), None)
+        `step` (at least W steps), unless a verification window of this regime covers the step."""
+        window = policy.verify.window_steps
+        start = self.ledger.committed.newest(at_or_before=min(step, self.job.steps - window))
+        covering = self.windows.covering(step)
         request = None
         if covering is not None:
             outcome = f"already covered by the window from step {covering.start_step}"
         elif start is None:
             outcome = "no committed checkpoint at or before the step leaves room for a window"
-        elif start < self.policy_state.since_step:  # its verdict would be ignored as another regime's
-            outcome = (f"no checkpoint of this regime (since step {self.policy_state.since_step}) at or before "
-                       f"the step yet")
+        elif start < policy_state.since_step:  # its verdict would be ignored as another regime's
+            outcome = f"no checkpoint of this regime (since step {policy_state.since_step}) at or before the step yet"
         else:
-            request = ReplayRequest(start, max(window, step - start + 1), self.policy.verify.replay_precision.value,
+            request = ReplayRequest(start, max(window, step - start + 1), policy.verify.replay_precision.value,
                                     Purpose.VERIFY)
             outcome = f"verification replay of [{start}, {start + request.num_steps})"
         for firing in firings:
             row = {**firing.to_dict(), "replay_start": request.start_step if request else None, "outcome": outcome}
             self.trigger_rows.append(row)
-            self.emit("trigger_fired", **row)
+            self.events.emit("trigger_fired", **row)
         if request is not None:
-            self.triggered.append(request)  # started by `_schedule_replays`, ahead of the cadence
+            self.windows.request(request)  # started by `schedule`, ahead of the cadence
 
-    def _schedule_replays(self) -> None:
-        # finished replays still waiting for their verdict count as in flight: their window is taken
-        in_flight = [r.request for r in [*self.pool.running, *self.finished]]
-        # triggered windows take the next free slots; while they wait, they hold back the cadence
-        while self.triggered and len(in_flight) < self.policy.verify.max_concurrent_replays:
-            in_flight.append(self.triggered.pop(0))
-            self._launch_replay(in_flight[-1], triggered=True)
-        requests = due_replays(self.policy, self.policy_state, main_step=self.main_step,
-                               committed_steps=self.committed.ascending, in_flight=in_flight + self.triggered,
-                               total_steps=self.job.steps, settled=list(self.settled_latest.values()))
+    # ------------------------------------------------------------------ starting replays
+    def schedule(self, policy: Policy, policy_state: PolicyState, main_step: int) -> None:
+        """Start requested windows in the free slots, then what the cadence says is due."""
+        num_in_flight = len(self.windows.in_flight())
+        for request in self.windows.next_requested(policy.verify.max_concurrent_replays - num_in_flight):
+            self._launch(request, policy, triggered=True)
+        # requested windows still waiting hold back the cadence
+        requests = due_replays(policy, policy_state, main_step=main_step,
+                               committed_steps=self.ledger.committed.ascending,
+                               in_flight=self.windows.in_flight() + self.windows.requested,
+                               total_steps=self.job.steps, settled=self.windows.settled())
         for request in requests:
-            self._launch_replay(request)
+            self._launch(request, policy)
 
-    def _forget_regime_windows(self) -> None:
-        """A switch starts a regime: the old one's windows neither cover steps nor hold back the cadence."""
-        self.judged, self.settled_latest, self.triggered = [], {}, []
-
-    def _settle(self, request: ReplayRequest, *, judged: bool) -> None:
-        """A window of this regime was judged (or noted) or given up: it is never scheduled again. Only
-        a judged one covers its steps for triggers."""
-        if judged:
-            self.judged.append(request)
-        latest = self.settled_latest.get(request.purpose)
-        if latest is None or request.start_step > latest.start_step:
-            self.settled_latest[request.purpose] = request
-
-    def _launch_replay(self, request: ReplayRequest, *, triggered: bool = False) -> None:
-        self.num_replays += 1
-        name = f"{self.num_replays:03d}-{request.purpose.value}-{request.precision}-at-{request.start_step:09d}"
-        pin = f"replay-{self.num_replays}"
-        try:
-            self.store.pin(request.start_step, pin)  # retention must keep its start
-        except CheckpointError as exc:
-            self.committed.discard(request.start_step)
-            self.emit("replay_skipped", name=name, **request.to_dict(), reason=f"cannot pin its checkpoint: {exc}")
-            return
-        adopt = self.policy.action.on_switch is OnSwitch.ADOPT_REPLAY and request.purpose is Purpose.VERIFY
-        replay = Replay(name, request, self.state.regime, self.state.lineage,
-                        f"{self.run_name}-replays/{name}" if adopt else None, pin)
-        self.emit("replay_started", name=name, **request.to_dict(), regime=self.state.regime,
-                  ranks=self.policy.verify.replay_resources.num_ranks, triggered=triggered)
-        self.num_triggered_replays += triggered
-        self._start(replay)
-
-    def _start(self, replay: Replay) -> None:
-        self.pool.start(replay, self.policy)
-
-    def _report_waiting(self) -> None:
-        """Replays whose resources have not come after a while: said once each, never waited for."""
-        for replay in self.pool.waiting_for_resources(after_s=2.0):
-            resources = self.policy.verify.replay_resources
-            self.emit("replay_waiting_for_resources", name=replay.name, ranks=resources.num_ranks,
-                      cpus_per_rank=resources.num_cpus, gpus_per_rank=resources.num_gpus)
-
-    def _on_replay_done(self, ref) -> None:
-        replay, error = self.pool.collect(ref)
-        if replay is None:
-            return  # other ranks of this replay are still running
+    def _launch(self, request: ReplayRequest, policy: Policy, *, triggered: bool = False) -> None:
+        adopt = policy.action.on_switch is OnSwitch.ADOPT_REPLAY and request.purpose is Purpose.VERIFY
+        replay = self.windows.open(request, save_end=adopt, run=self.run)
+        error = self.ledger.pin(request.start_step, replay.pin)  # retention must keep its start
         if error is not None:
-            self._on_replay_failed(replay, error)
+            self.events.emit("replay_skipped", name=replay.name, **request.to_dict(),
+                             reason=f"cannot pin its checkpoint: {error}")
             return
-        self._unpin(replay.request.start_step, replay.pin)
-        records = replay.result.records
-        precision = replay.request.precision
-        self.replay_steps[precision] = self.replay_steps.get(precision, 0) + len(records)
-        for callback in self.callbacks:
-            callback.on_replay_finished(replay.name, records)
-        self.emit("replay_finished", name=replay.name, precision=precision, steps=len(records),
-                  wall_s=round(replay.result.wall_s, 3), eval_loss=replay.result.eval_loss,
-                  node=replay.result.node_id)
-        if replay.regime != self.state.regime or replay.lineage != self.state.lineage:
-            self.emit("replay_discarded", name=replay.name,
-                      reason="started before the main job's last switch; its window no longer describes the run")
-            return
-        self.finished.append(replay)
+        self.events.emit("replay_started", name=replay.name, **request.to_dict(), regime=replay.regime,
+                         ranks=policy.verify.replay_resources.num_ranks, triggered=triggered)
+        self.num_triggered_replays += triggered
+        self.windows.start(replay)
+        self.pool.start(replay, policy)
 
-    def _on_replay_failed(self, replay: Replay, error: Exception) -> None:
+    def report_waiting(self, policy: Policy) -> None:
+        """Replays whose resources have not come after a while: said once each, never waited for."""
+        resources = policy.verify.replay_resources
+        for replay in self.pool.waiting_for_resources(after_s=2.0):
+            self.events.emit("replay_waiting_for_resources", name=replay.name, ranks=resources.num_ranks,
+                             cpus_per_rank=resources.num_cpus, gpus_per_rank=resources.num_gpus)
+
+    def abandon_unstarted(self) -> None:
+        """The main job is done: replays still without resources after a grace period are given up."""
+        for replay in self.pool.abandon_unstarted(grace_s=15.0):
+            self._give_up(replay, "the main job finished while it was still waiting for resources")
+
+    # ------------------------------------------------------------------ replays that end
+    def refs(self) -> list:
+        return self.pool.refs()
+
+    @property
+    def num_running(self) -> int:
+        return len(self.windows.running)
+
+    def on_done(self, ref, policy: Policy) -> None:
+        collected = self.pool.collect(ref)
+        if collected is None:
+            return  # other ranks of this replay are still running
+        replay, result, error = collected
+        if error is not None:
+            self._on_failed(replay, error, policy)
+            return
+        self.ledger.unpin(replay.request.start_step, replay.pin)
+        precision = replay.request.precision
+        self.replay_steps[precision] = self.replay_steps.get(precision, 0) + len(result.records)
+        for callback in self.callbacks:
+            callback.on_replay_finished(replay.name, result.records)
+        self.events.emit("replay_finished", name=replay.name, precision=precision, steps=len(result.records),
+                         wall_s=round(result.wall_s, 3), eval_loss=result.eval_loss, node=result.node_id)
+        if not self.windows.finish(replay, result):
+            self.events.emit("replay_discarded", name=replay.name,
+                             reason="started before the main job's last switch; its window no longer describes the run")
+
+    def _on_failed(self, replay: Replay, error: Exception, policy: Policy) -> None:
         """Retry on a healthy group up to `verify.replay_retries`, then give the window up; the main
         job never waits for it."""
-        retries = self.policy.verify.replay_retries
-        self.emit("replay_failed", name=replay.name, attempt=replay.attempt, retries=retries,
-                  worker_died=isinstance(error, ray.exceptions.RayActorError), error=first_line(error))
-        stale = replay.regime != self.state.regime or replay.lineage != self.state.lineage
+        retries = policy.verify.replay_retries
+        self.events.emit("replay_failed", name=replay.name, attempt=replay.attempt, retries=retries,
+                         worker_died=isinstance(error, ray.exceptions.RayActorError), error=first_line(error))
+        stale = not self.windows.is_current(replay)
         if replay.attempt < retries and not stale:
-            replay.attempt += 1
-            self._start(replay)
+            self.windows.retry(replay)
+            self.pool.start(replay, policy)
             return
         self._give_up(replay, "the main job moved on" if stale else f"failed {replay.attempt + 1} time(s)")
 
     def _give_up(self, replay: Replay, reason: str) -> None:
-        self._unpin(replay.request.start_step, replay.pin)
-        self._settle(replay.request, judged=False)
-        self.emit("replay_skipped", name=replay.name, **replay.request.to_dict(), reason=reason)
+        self.ledger.unpin(replay.request.start_step, replay.pin)
+        self.windows.give_up(replay)
+        self.events.emit("replay_skipped", name=replay.name, **replay.request.to_dict(), reason=reason)
+
+    def shutdown(self) -> None:
+        self.pool.shutdown()

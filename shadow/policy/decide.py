@@ -45,8 +45,8 @@ def decide(policy: Policy, state: PolicyState, verdict: Verdict, *, main_step: i
     window = f"window [{verdict.window_start}, {verdict.window_end})"
     if state.machine is Machine.BF16_FOREVER:
         return _keep(state, DecisionKind.NOTE, f"{window} ignored: the job stays BF16 to the end")
-    if state.machine is Machine.BF16_FALLBACK and state.num_switches >= policy.action.max_switches:
-        stay = Decision(DecisionKind.STAY_BF16, f"{state.num_switches} fallbacks reach action.max_switches="
+    if state.machine is Machine.BF16_FALLBACK and state.num_fallbacks >= policy.action.max_switches:
+        stay = Decision(DecisionKind.STAY_BF16, f"{state.num_fallbacks} fallbacks reach action.max_switches="
                         f"{policy.action.max_switches}: the job stays BF16 to the end", {})
         return _act(policy, state, replace(state, machine=Machine.BF16_FOREVER), [stay])
 
@@ -158,15 +158,15 @@ def _switch_to_bf16(policy, counted: PolicyState, verdict: Verdict, text: str, p
     else:
         resume = main_step
         how = f"continue in BF16 from step {resume}"
-    num_switches = counted.num_switches + 1
-    final = num_switches >= policy.action.max_switches
+    num_fallbacks = counted.num_fallbacks + 1
+    final = num_fallbacks >= policy.action.max_switches
     machine = Machine.BF16_FOREVER if final else Machine.BF16_FALLBACK
-    switch_payload = {**payload, "on_switch": on_switch.value, "resume_step": resume, "num_switches": num_switches}
+    switch_payload = {**payload, "on_switch": on_switch.value, "resume_step": resume, "num_fallbacks": num_fallbacks}
     decisions = [Decision(DecisionKind.SWITCH_TO_BF16, f"{text}: switching to BF16, {how}", switch_payload)]
     if final:
-        decisions.append(Decision(DecisionKind.STAY_BF16, f"fallback {num_switches} reaches action.max_switches="
+        decisions.append(Decision(DecisionKind.STAY_BF16, f"fallback {num_fallbacks} reaches action.max_switches="
                                   f"{policy.action.max_switches}: the job stays BF16 to the end", switch_payload))
-    return _act(policy, counted, counted.new_regime(machine, resume, num_switches=num_switches), decisions)
+    return _act(policy, counted, counted.new_regime(machine, resume, num_fallbacks=num_fallbacks), decisions)
 
 
 def _on_probe(policy, state, level, text, payload, main_step) -> Decisions:

@@ -54,7 +54,7 @@ class PolicyState:
 
     machine: Machine = Machine.FP8
     since_step: int = 0  # step from which the main job runs in the current regime
-    num_switches: int = 0  # FP8 -> BF16 fallbacks so far
+    num_fallbacks: int = 0  # FP8 -> BF16 fallbacks so far (bounded by `action.max_switches`)
     num_violations_in_row: int = 0  # consecutive verification windows above `thresholds.switch`
     streak_start_step: int | None = None  # window start of the first violation of the current streak
     last_verified_step: int | None = None  # start of the latest clean verification window: rollback target
@@ -74,6 +74,8 @@ class PolicyState:
     @classmethod
     def from_dict(cls, data: dict) -> "PolicyState":
         known = {f.name for f in fields(cls)}
+        if "num_switches" in data:  # the name run directories written before 0.2 use
+            data = {"num_fallbacks": data["num_switches"], **data}
         values = {k: v for k, v in data.items() if k in known}
         values["machine"] = Machine(values.get("machine", Machine.FP8))
         values["noise_values"] = tuple(float(v) for v in values.get("noise_values", ()))

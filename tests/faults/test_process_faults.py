@@ -80,7 +80,7 @@ def test_nan_loss_in_the_main_job_is_a_nonfinite_verdict_and_switches(tmp_path):
     assert _of(events, "replay_triggered")[0]["step"] == 60  # not left to the cadence
     verdict = next(e for e in _of(events, "verdict") if e["window_start"] == 50)
     assert verdict["kind"] == "nonfinite" and verdict["level"] == "violation"
-    assert _of(events, "rollback") and summary["num_switches"] >= 1
+    assert _of(events, "rollback") and summary["num_precision_switches"] >= 1
     kept, _ = read_history(out)
     assert [r.step for r in kept] == list(range(150))
     assert all(r.loss == r.loss for r in kept)  # the NaN step was rolled back: history is finite
@@ -89,7 +89,7 @@ def test_nan_loss_in_the_main_job_is_a_nonfinite_verdict_and_switches(tmp_path):
 def test_nan_loss_in_a_replay_is_reported_not_acted_on(tmp_path):
     code, out, summary, events = _run(tmp_path, "--set", "faults.nan_loss_at_step=10",
                                       "--set", "faults.nan_loss_in=replay")
-    assert code == 0 and summary["num_switches"] == 0
+    assert code == 0 and summary["num_precision_switches"] == 0
     verdict = next(e for e in _of(events, "verdict") if e["window_start"] == 0)
     assert verdict["kind"] == "nonfinite"
     assert verdict["verdict"]["nonfinite_replay"] == [10] and verdict["verdict"]["nonfinite_main"] == []

@@ -36,7 +36,7 @@ def test_healthy_tiny_job_verifies_and_never_switches(tmp_path):
     assert code == 0 and summary["phase"] == "finished"
     assert summary["final_step"] == 225 and summary["steps_fp8"] == 225
     assert summary["num_verifications"] >= 3
-    assert summary["num_switches"] == 0
+    assert summary["num_precision_switches"] == 0
     assert all(v["level"] == "clean" for v in summary["verdicts"]), summary["verdicts"]
     for key in ("final_loss", "steps_bf16", "verdicts", "verification_cost", "wall_s", "effective_speedup"):
         assert key in summary
@@ -69,7 +69,7 @@ def test_degraded_job_switches_at_first_failing_verification_and_ends_near_bf16(
 
 def test_fault_job_walks_the_full_cycle_in_order(tmp_path):
     code, out, summary, events = _run(tmp_path, "cycle", "--job", str(REPO / "jobs/tiny_fault.yaml"), *FAST)
-    assert code == 0 and summary["num_switches"] == 2
+    assert code == 0 and summary["num_precision_switches"] == 2
     names = [e["event"] for e in events]
     to_bf16 = next(i for i, e in enumerate(events) if e["event"] == "precision_switched" and e["new"] == "bf16")
     to_fp8 = next(i for i, e in enumerate(events) if e["event"] == "precision_switched" and e["new"] == "fp8")

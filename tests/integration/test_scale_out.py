@@ -47,7 +47,7 @@ def test_replays_reproduce_a_two_rank_main_job_bit_for_bit(four_cpu_ray, tmp_pat
 def test_two_rank_main_job_passes_the_healthy_scenario(four_cpu_ray, tmp_path):
     code, out, summary, events = _run(tmp_path, "healthy", *TWO_RANKS)
     assert code == 0 and summary["final_step"] == 300
-    assert summary["num_verifications"] >= 3 and summary["num_switches"] == 0
+    assert summary["num_verifications"] >= 3 and summary["num_precision_switches"] == 0
     assert all(v["level"] == "clean" for v in summary["verdicts"])
 
 

@@ -61,7 +61,7 @@ def test_warn_window():
 def test_consecutive_violations_switch_and_the_reason_carries_the_numbers():
     last, outcomes = run(policy("thresholds.consecutive=3"), [0.05, 0.05, 0.05])
     assert [o.kinds for o in outcomes] == [(K.WARN,), (K.WARN,), (K.SWITCH_TO_BF16,)]
-    assert last.state.machine is Machine.BF16_FALLBACK and last.state.num_switches == 1
+    assert last.state.machine is Machine.BF16_FALLBACK and last.state.num_fallbacks == 1
     reason = last.decisions[0].reason
     assert "rel_mean_gap=+0.05" in reason and "switch 0.03" in reason and "3 of 3" in reason
     assert last.decisions[0].payload["on_switch"] == "bf16"
@@ -108,7 +108,7 @@ def test_nonfinite_bf16_side_is_only_noted():
 
 
 def test_max_switches_makes_the_last_fallback_final():
-    state = PolicyState(num_switches=1)
+    state = PolicyState(num_fallbacks=1)
     out, _ = run(policy("action.max_switches=2", "thresholds.consecutive=1"), [0.05], state=state)
     assert out.kinds == (K.SWITCH_TO_BF16, K.STAY_BF16) and out.state.machine is Machine.BF16_FOREVER
     later = decide(policy(), out.state, verdict(1000, 0.5, main="bf16", replay="fp8"), main_step=1100)
@@ -116,14 +116,14 @@ def test_max_switches_makes_the_last_fallback_final():
 
 
 def test_lowering_max_switches_mid_fallback_stays_bf16():
-    state = PolicyState(machine=Machine.BF16_FALLBACK, num_switches=2, since_step=100)
+    state = PolicyState(machine=Machine.BF16_FALLBACK, num_fallbacks=2, since_step=100)
     out = decide(policy("action.max_switches=2"), state, verdict(300, 0.0, main="bf16", replay="fp8"),
                  main_step=400)
     assert out.kinds == (K.STAY_BF16,) and out.state.machine is Machine.BF16_FOREVER
 
 
 def fallback(**changes):
-    return PolicyState(machine=Machine.BF16_FALLBACK, since_step=100, num_switches=1, **changes)
+    return PolicyState(machine=Machine.BF16_FALLBACK, since_step=100, num_fallbacks=1, **changes)
 
 
 def test_clean_probes_switch_back_to_fp8_on_probation():
@@ -133,7 +133,7 @@ def test_clean_probes_switch_back_to_fp8_on_probation():
     second = decide(pol, first.state, verdict(300, 0.002, main="bf16", replay="fp8"), main_step=360)
     assert second.kinds == (K.SWITCH_TO_FP8,) and second.state.machine is Machine.FP8_PROBATION
     assert second.state.since_step == 360 and second.decisions[0].payload["resume_step"] == 360
-    assert second.state.num_switches == 1
+    assert second.state.num_fallbacks == 1
 
 
 def test_a_bad_probe_resets_the_clean_count():
@@ -159,13 +159,13 @@ def test_without_probation_clean_probes_return_to_plain_fp8():
 
 
 def probation(**changes):
-    return PolicyState(machine=Machine.FP8_PROBATION, since_step=400, num_switches=1, **changes)
+    return PolicyState(machine=Machine.FP8_PROBATION, since_step=400, num_fallbacks=1, **changes)
 
 
 def test_one_violation_in_probation_switches_back():
     out = decide(policy("thresholds.consecutive=3"), probation(), verdict(500, 0.05), main_step=560)
     assert out.kinds == (K.SWITCH_TO_BF16,) and out.state.machine is Machine.BF16_FALLBACK
-    assert out.state.num_switches == 2 and "probation" in out.decisions[0].reason
+    assert out.state.num_fallbacks == 2 and "probation" in out.decisions[0].reason
 
 
 def test_clean_probation_windows_restore_trust():
@@ -181,7 +181,7 @@ def test_observe_mode_reports_and_never_switches():
     pol = policy("action.mode=observe", "thresholds.consecutive=2")
     last, outcomes = run(pol, [0.05, 0.05, 0.05])
     assert [o.kinds for o in outcomes] == [(K.WARN,), (K.REPORT,), (K.REPORT,)]
-    assert last.state.machine is Machine.FP8 and last.state.num_switches == 0
+    assert last.state.machine is Machine.FP8 and last.state.num_fallbacks == 0
     assert last.decisions[0].payload["would"] == "switch_to_bf16"
 
 
@@ -343,7 +343,7 @@ def test_windows_never_reach_past_the_job_or_before_the_regime():
 
 def test_probes_start_after_steps_in_bf16_and_run_fp8():
     pol = policy("action.return_to_fp8.after_steps=100", "verify.max_concurrent_replays=9")
-    state = PolicyState(machine=Machine.BF16_FALLBACK, since_step=130, num_switches=1)
+    state = PolicyState(machine=Machine.BF16_FALLBACK, since_step=130, num_fallbacks=1)
     due = due_replays(pol, state, main_step=400, committed_steps=CKPTS + [350, 400], in_flight=[])
     assert [r.start_step for r in due] == [250, 300, 400]
     assert all(r.purpose is Purpose.PROBE and r.precision == "fp8" for r in due)
