@@ -1,6 +1,6 @@
 """FP8 Adam moments judged like a verification window: paired, from one state, on the same batches.
 
-Independent trainings drift apart by chaos alone (see README "Measured on the tiny job"), so an
+Independent trainings drift apart by chaos alone (see docs/benchmarks.md, "FP8 vs BF16 on the tiny job"), so an
 end-of-run loss comparison mixes that drift with the effect of the moments. Here the tiny job trains
 in FP8 with fp32 moments; at each start step the state is copied into a trainer with `optim.moments:
 fp8` (its moments rounded into E4M3/E5M2 once) and both continue for W steps on the same batches. The

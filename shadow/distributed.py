@@ -8,7 +8,7 @@ gradients accumulate locally, then one all-reduce (sum) per step. So a main job 
 micro-batch and a replay of 1 rank x 2 micro-batches add the same two scaled gradients: a two-operand
 sum is exact whichever way round, so their losses agree bit for bit. With more than two operands per
 reduction the order of additions (gloo's ring vs local accumulation) may differ at the level of fp32
-rounding; see README "Scale out".
+rounding; see docs/scale-out.md.
 
 Checkpoints are world-size independent: rank 0 writes its (complete) replica; any layout restores it.
 """

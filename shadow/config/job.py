@@ -249,7 +249,7 @@ class ResourcesConfig:
     num_ranks: int = 1  # data-parallel ranks of the main job (Ray actors on one placement group)
     grad_accum: int = 1  # micro-batches per main rank; a step's batch is cut into num_ranks x grad_accum
     # torch.compile the model's forward (GPU): fuses torchao's FP8 casts and scalings, without which FP8
-    # is slower than BF16 (see README "Benchmarks", GPU). It changes rounding, so it is part of the job
+    # is slower than BF16 (see docs/benchmarks.md, GPU throughput). It changes rounding, so it is part of the job
     # hash; it needs telemetry.every_steps: 0 (telemetry hooks do not run inside a compiled forward)
     compile: bool = False
 
@@ -273,7 +273,7 @@ class RunConfig:
     fp8_speedup: float = 1.3  # FP8-over-BF16 step speedup assumed in the effective-speedup estimate
     # (1.3x is 01.AI's reported figure; published Hopper figures range 1.2-1.5x; measure yours)
     max_main_restarts: int = 3  # the main trainer may die this often; it restarts from its last checkpoint
-    max_checkpoint_failures: int = 3  # checkpoint saves failing in a row before the run stops (see README)
+    max_checkpoint_failures: int = 3  # checkpoint saves failing in a row before the run stops (see docs/reliability.md)
 
     def problems(self):
         found = []

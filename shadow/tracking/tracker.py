@@ -7,7 +7,7 @@ loop never waits for MLflow, and an MLflow outage costs only a delay: the run go
 (`tracking_restored`). The tracker's own events reach events.jsonl through `bind(emit)`, on the
 controller thread, at the next callback.
 
-What goes where is in README ("MLflow"). In short: the parent run (the main job) gets every
+What goes where is in docs/tracking.md. In short: the parent run (the main job) gets every
 trained row (`train/*`, `eval/loss`, `shadow/precision`, `shadow/lineage`), verdict fields at each
 window end (`shadow/gap_*`), decisions, switches and rollbacks as metrics and tags, the job and
 policy as params, and the run directory's files as artifacts; each replay gets a child run with the
