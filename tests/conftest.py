@@ -38,3 +38,21 @@ def local_ray():
     ray.init(address="local", num_cpus=4, include_dashboard=False, configure_logging=False, log_to_driver=False)
     yield
     ray.shutdown()
+
+
+# `slow` marks every test that trains or starts a `shadow run` (seconds to minutes); `-m "not slow"` is
+# the quick loop. So the marker stays true, the run ends with the unmarked tests that took longer.
+SLOW_S = 10.0
+_unmarked_slow: list[tuple[str, float]] = []
+
+
+def pytest_runtest_logreport(report):
+    if report.when == "call" and report.duration > SLOW_S and "slow" not in report.keywords:
+        _unmarked_slow.append((report.nodeid, report.duration))
+
+
+def pytest_terminal_summary(terminalreporter):
+    if _unmarked_slow:
+        terminalreporter.section(f"tests over {SLOW_S:.0f} s without the `slow` marker (mark them)")
+        for nodeid, seconds in sorted(_unmarked_slow, key=lambda item: -item[1]):
+            terminalreporter.write_line(f"{seconds:6.1f} s  {nodeid}")

@@ -1,7 +1,9 @@
 """`shadow run` end to end on a real local Ray (one per module), real training on CPU.
 
-The fast scenarios use the shipped jobs with a smaller model (`FAST`), the same data, schedule and
-fault; the healthy and degraded scenarios run the tiny jobs at full model size.
+The healthy and degraded scenarios run the tiny jobs at full model size (the thresholds are tuned
+there); tests of controller logic (the full cycle, rollback and adoption, a policy edited mid-run) use
+the shipped jobs with a smaller model (`FAST`): the same data, schedule and fault. The fault job runs
+once per `on_switch` for every test that reads it.
 """
 
 import json
@@ -67,8 +69,22 @@ def test_degraded_job_switches_at_first_failing_verification_and_ends_near_bf16(
     assert (fp8["final_eval_loss"] - bf16["final_eval_loss"]) / bf16["final_eval_loss"] > 0.10
 
 
-def test_fault_job_walks_the_full_cycle_in_order(tmp_path):
-    code, out, summary, events = _run(tmp_path, "cycle", "--job", str(REPO / "jobs/tiny_fault.yaml"), *FAST)
+@pytest.fixture(scope="module")
+def fault_job_runs(local_ray, tmp_path_factory):
+    """`shadow run` of the fault job per `action.on_switch`, each run once for the tests that read it."""
+    runs = {}
+
+    def run(on_switch: str):
+        if on_switch not in runs:
+            runs[on_switch] = _run(tmp_path_factory.mktemp(on_switch), on_switch, "--job",
+                                   str(REPO / "jobs/tiny_fault.yaml"), *FAST,
+                                   "--policy-set", f"action.on_switch={on_switch}")
+        return runs[on_switch]
+    return run
+
+
+def test_fault_job_walks_the_full_cycle_in_order(fault_job_runs):
+    code, out, summary, events = fault_job_runs("rollback")  # the default policy's
     assert code == 0 and summary["num_precision_switches"] == 2
     names = [e["event"] for e in events]
     to_bf16 = next(i for i, e in enumerate(events) if e["event"] == "precision_switched" and e["new"] == "bf16")
@@ -93,9 +109,8 @@ def test_fault_job_walks_the_full_cycle_in_order(tmp_path):
 
 
 @pytest.mark.parametrize("on_switch", ["rollback", "adopt_replay"])
-def test_rollback_and_adoption_leave_a_complete_history(tmp_path, on_switch):
-    code, out, summary, events = _run(tmp_path, on_switch, "--job", str(REPO / "jobs/tiny_fault.yaml"), *FAST,
-                                      "--policy-set", f"action.on_switch={on_switch}")
+def test_rollback_and_adoption_leave_a_complete_history(fault_job_runs, on_switch):
+    code, out, summary, events = fault_job_runs(on_switch)
     assert code == 0
     restart = _kinds(events, "rollback" if on_switch == "rollback" else "replay_adopted")
     assert len(restart) == 1
@@ -136,7 +151,7 @@ def test_policy_edit_during_a_run_takes_effect(tmp_path):
 
     thread = threading.Thread(target=editor)
     thread.start()
-    code = main(["run", "--job", str(REPO / "jobs/tiny.yaml"), "--set", "steps=120",
+    code = main(["run", "--job", str(REPO / "jobs/tiny.yaml"), *FAST, "--set", "steps=120",
                  "--policy", str(policy), "--out", str(out)])
     thread.join()
     assert code == 0
