@@ -44,12 +44,15 @@ def test_replays_reproduce_a_two_rank_main_job_bit_for_bit(four_cpu_ray, tmp_pat
         assert rows and all(main_losses[r.step] == r.loss for r in rows), path.name
 
 
-def test_fp8_replays_reproduce_a_two_rank_main_job_bit_for_bit(four_cpu_ray, tmp_path):
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_fp8_replays_reproduce_a_two_rank_main_job_bit_for_bit(four_cpu_ray, tmp_path, dropout):
     """FP8 with delayed scaling, 2 ranks x 1 micro-batch, replayed in FP8 by 1 rank x 2 micro-batches (the
     noise-floor windows replay in the main job's precision). Each rank's amax covers its own micro-batch
     and is max-reduced across ranks; the single replay rank takes the max over both micro-batches itself:
-    the same amax history, scales and losses, bit for bit."""
-    code, out, summary, events = _run(tmp_path, "fp8", *TWO_RANKS, "--set", "steps=120",
+    the same amax history, scales and losses, bit for bit. With dropout, a micro-batch's masks depend on
+    its index in the global batch, not on the rank that computes it."""
+    code, out, summary, events = _run(tmp_path, f"fp8-dropout{dropout}", *TWO_RANKS, "--set", "steps=120",
+                                      "--set", f"model.dropout={dropout}",
                                       "--set", "precision.mode=fp8", "--set", "precision.scaling=delayed",
                                       "--policy-set", "verify.every_n_steps=50", "--policy-set", "noise.enabled=true",
                                       "--policy-set", "noise.num_windows=2",

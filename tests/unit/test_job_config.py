@@ -37,6 +37,7 @@ BAD_JOBS = {
     "bad_enum": ("precision:\n  scaling: sometimes\n", "precision.scaling"),
     "bad_format": ("precision:\n  format: e9m9\n", "precision.format"),
     "odd_head_width": ("model:\n  d_model: 100\n  num_heads: 4\n", "model.d_model"),
+    "dropout_one": ("model:\n  dropout: 1.0\n", "model.dropout"),
     "negative_lr": ("optim:\n  lr: -1.0\n", "optim.lr"),
     "nan_lr": ("optim:\n  lr: .nan\n", "optim.lr"),
     "min_lr_above_lr": ("optim:\n  lr: 1e-3\n  min_lr: 1e-2\n", "optim.min_lr"),
