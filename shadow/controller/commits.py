@@ -39,6 +39,7 @@ class CommitsMixin:
 
     def _on_commit(self, info: dict) -> None:
         self.committed.add(info["step"])
+        self.checkpoint_waits_s.append(info.get("wait_s", 0.0))
         self.emit("checkpoint_committed", lineage=self.state.lineage, **info)
         self._commit_point()
 

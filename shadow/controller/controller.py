@@ -72,6 +72,7 @@ class Controller(CommitsMixin, VerificationMixin, DecisionsMixin):
         self.store = open_store(store_uri, run)  # for pins; the main trainer owns writing and retention
         self.rollback_pin: int | None = None
         self.checkpoint_failures_in_row = 0
+        self.checkpoint_waits_s: list[float] = list(resume.checkpoint_waits_s) if resume else []
         self.judged: list[ReplayRequest] = []  # windows of this regime judged: they cover their steps for triggers
         # per purpose the newest window of this regime judged or given up: all scheduling needs (its
         # high-water marks only move forward)
@@ -292,5 +293,6 @@ class Controller(CommitsMixin, VerificationMixin, DecisionsMixin):
                              num_triggered_replays=self.num_triggered_replays,
                              num_switches=self.state.num_switches,
                              final_eval_loss=self.final_eval_loss, fp8_speedup=self.job.run.fp8_speedup,
+                             checkpoint_waits_s=self.checkpoint_waits_s,
                              wall_s=time.perf_counter() - self.started, phase=self.phase.value,
                              policy_state=self.state.policy_state)
