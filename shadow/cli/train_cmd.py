@@ -89,7 +89,7 @@ def run(args: argparse.Namespace) -> int:
         "wall_s": wall_s,
         "checkpoints": [e.uri for e in events if isinstance(e, CommitInfo)],
         "max_checkpoint_block_s": max(result.checkpoint_block_s, default=0.0),
-        "checkpoint_wait_s": checkpoint_waits([e.wait_s for e in events if isinstance(e, CommitInfo)]),
+        "checkpoint_waits": checkpoint_waits([e.wait_s for e in events if isinstance(e, CommitInfo)]),
     }
     run_dir.write_summary(summary)
     run_dir.close()

@@ -65,7 +65,7 @@ def build_summary(*, history: list[StepRecord], trained: list[StepRecord], repla
             kept_steps=len(history), trained_fp8=trained_fp8, trained_bf16=trained_bf16,
             replay_bf16=replay_steps.get("bf16", 0), replay_fp8=replay_steps.get("fp8", 0), fp8_speedup=fp8_speedup),
         "measured_step_time_s": {p: statistics.median(t) if t else None for p, t in step_times.items()},
-        "checkpoint_wait_s": checkpoint_waits(checkpoint_waits_s),
+        "checkpoint_waits": checkpoint_waits(checkpoint_waits_s),
         "wall_s": wall_s,
         "policy_state": policy_state,
     }
@@ -83,8 +83,8 @@ def format_summary(summary: dict) -> str:
         f"noise windows {summary['num_noise_windows']}   switches {summary['num_switches']}",
         f"triggers fired   {summary['num_triggers_fired']}   triggered replays {summary['num_triggered_replays']}",
         f"verification cost {summary['verification_cost']:.2f} replay steps per main step",
-        f"checkpoint waits {summary['checkpoint_wait_s']['num_waited']} of {summary['checkpoint_wait_s']['num_saves']} "
-        f"saves waited for the previous one, {summary['checkpoint_wait_s']['total_s']:.2f} s in all",
+        f"checkpoint waits {summary['checkpoint_waits']['num_waited']} of {summary['checkpoint_waits']['num_saves']} "
+        f"saves waited for the previous one, {summary['checkpoint_waits']['total_s']:.2f} s in all",
         f"effective speedup wall {_num(speed['wall'], '.2f')}x   compute {_num(speed['compute'], '.2f')}x   "
         f"(assuming FP8 = {speed['fp8_speedup_assumed']}x BF16 per step)",
         f"wall time        {summary['wall_s']:.1f} s",

@@ -163,7 +163,7 @@ def test_a_checkpoint_interval_shorter_than_a_save_shows_its_wait(tmp_path):
     assert code == 0
     waits = [e["wait_s"] for e in _kinds(events, "checkpoint_committed")]
     assert len(waits) == 41  # the start and one after every step
-    waited = summary["checkpoint_wait_s"]
+    waited = summary["checkpoint_waits"]
     assert waited["num_saves"] == 41 and waited["num_waited"] == sum(1 for w in waits if w > 0)
     assert waited["num_waited"] > 0 and waited["max_s"] > 0
     assert waited["total_s"] == pytest.approx(sum(waits)) and waited["max_s"] == max(waits)
