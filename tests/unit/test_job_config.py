@@ -96,3 +96,12 @@ def test_every_problem_is_reported_at_once(tmp_path):
     with pytest.raises(ConfigError) as info:
         load_job(str(path))
     assert [p.key for p in info.value.problems] == ["steps", "batch_size", "model.bogus"]
+
+
+def test_flatten_joins_nested_keys():
+    from shadow.config import flatten
+
+    data = {"a": {"b": {"c": 1}, "d": [1, 2]}, "e": "x", "empty": {}}
+    assert flatten(data) == {"a.b.c": 1, "a.d": [1, 2], "e": "x"}
+    assert flatten(data, "job.") == {"job.a.b.c": 1, "job.a.d": [1, 2], "job.e": "x"}
+    assert flatten({"speed": {"wall": 1.0}}, sep="_") == {"speed_wall": 1.0}
