@@ -9,7 +9,9 @@ with FP8 step speedups of 1.2x, 1.3x and 1.5x (the range published for Hopper):
 The nominal cost `window_steps / every_n_steps` is shown beside the measured one (the last spans of a
 run get no window when it would reach past the end); replays started by telemetry triggers (policies
 with `triggers.rules`, e.g. policies/triggered.yaml) are counted in the measured cost and shown apart.
-"switches when" shows |metric| for two-sided thresholds. A ratio of counts, so no timing noise.
+"switches when" shows |metric| for two-sided thresholds. A ratio of counts, not of times; but which
+windows run depends on timing: a replay slower than the main job (a loaded machine) makes the scheduler
+skip the spans it fell behind on, which lowers the measured cost below the nominal one.
 
     python bench/verification_cost.py [--steps 300] [--policies policies/*.yaml]
 """
