@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass
 from enum import Enum
 from typing import Sequence
 
+from shadow.jsonl import jsonable
 from shadow.records import StepRecord
 
 FP8, BF16, MIXED = "fp8", "bf16", "mixed"
@@ -71,17 +72,7 @@ class Verdict:
 
     def to_dict(self) -> dict:
         """Plain JSON-ready data for events: non-finite floats become strings, like StepRecord rows."""
-        return {key: _jsonable(value) for key, value in asdict(self).items()}
-
-
-def _jsonable(value):
-    if isinstance(value, Enum):
-        return value.value
-    if isinstance(value, float) and not math.isfinite(value):
-        return str(value)
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    return value
+        return {key: jsonable(value) for key, value in asdict(self).items()}
 
 
 @dataclass(frozen=True)
@@ -94,7 +85,7 @@ class Trend:
     growing: bool  # at least 2 windows and the metric rose from each window to the next
 
     def to_dict(self) -> dict:
-        return {key: _jsonable(value) for key, value in asdict(self).items()}
+        return {key: jsonable(value) for key, value in asdict(self).items()}
 
 
 def compare(

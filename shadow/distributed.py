@@ -33,13 +33,18 @@ class RankLayout:
     def num_micro_batches(self) -> int:
         return self.world_size * self.micro_batches_per_rank
 
+    @property
+    def first_micro_batch(self) -> int:
+        """Index in the global batch of this rank's first micro-batch."""
+        return self.rank * self.micro_batches_per_rank
+
     def my_micro_batches(self, inputs: torch.Tensor, targets: torch.Tensor):
         """This rank's micro-batches of the global batch, in order."""
         k = self.num_micro_batches
         if inputs.shape[0] % k:
             raise ValueError(f"batch_size {inputs.shape[0]} is not divisible into {k} micro-batches")
         chunks = list(zip(inputs.chunk(k), targets.chunk(k)))
-        first = self.rank * self.micro_batches_per_rank
+        first = self.first_micro_batch
         return chunks[first : first + self.micro_batches_per_rank]
 
 

@@ -4,14 +4,32 @@ Writers append one complete line per record with unbuffered writes (so a crash o
 nothing written); `sync()` fsyncs at commit points (a checkpoint committed, a decision taken) so a
 crash of the machine loses nothing before them either. Readers skip a torn last line (a crash
 mid-write) instead of failing.
+
+`jsonable` turns a record's values into what JSON can hold, the one way every writer does it.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
+from enum import Enum
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
+
+
+def jsonable(value: Any) -> Any:
+    """JSON-ready data: non-finite floats become strings ("nan", "inf", "-inf"; JSON has none, and a
+    diverged step must stay a valid row), enums their values, tuples lists, nested dicts and lists too."""
+    if isinstance(value, Enum):
+        return value.value
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {k: jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [jsonable(v) for v in value]
+    return value
 
 
 class JsonlWriter:

@@ -1,4 +1,4 @@
-"""A small LLaMA-style decoder: RMSNorm, RoPE, causal attention, SwiGLU.
+"""A small LLaMA-style decoder: RMSNorm, RoPE, causal attention, SwiGLU, optional dropout.
 
 Architecture only. Every GEMM in the blocks comes from the precision backend (`backend.linear`), so
 FP8 vs BF16 is decided there and switched at run time; the lm head is always BF16 (`output_linear`).
@@ -95,6 +95,15 @@ def power_of_two_channel_amax(x: torch.Tensor) -> torch.Tensor:
     return torch.where(amax > 0, torch.ldexp(torch.ones_like(amax), exponent), torch.ones_like(amax))
 
 
+def dropout(x: torch.Tensor, p: float, generator: torch.Generator | None) -> torch.Tensor:
+    """Inverted dropout with its mask drawn from `generator` (the caller's, so replays can reproduce it).
+    Without a generator (evaluation) or at p = 0 it is the identity."""
+    if p == 0.0 or generator is None:
+        return x
+    keep = torch.rand(x.shape, generator=generator, device=x.device) >= p
+    return x * keep / (1.0 - p)
+
+
 class Block(nn.Module):
     def __init__(self, config: ModelConfig, backend: PrecisionBackend):
         super().__init__()
@@ -102,10 +111,12 @@ class Block(nn.Module):
         self.attn = Attention(config, backend)
         self.ffn_norm = RMSNorm(config.d_model, config.norm_eps)
         self.ffn = SwiGLU(config, backend)
+        self.dropout = config.dropout
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.attn_norm(x), cos, sin)
-        return x + self.ffn(self.ffn_norm(x))
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                generator: torch.Generator | None = None) -> torch.Tensor:
+        x = x + dropout(self.attn(self.attn_norm(x), cos, sin), self.dropout, generator)
+        return x + dropout(self.ffn(self.ffn_norm(x)), self.dropout, generator)
 
 
 class Transformer(nn.Module):
@@ -132,14 +143,15 @@ class Transformer(nn.Module):
             values = torch.randn(param.shape, generator=generator) * std
             param.copy_(values.to(param.device))
 
-    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+    def forward(self, idx: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Logits; `generator` draws the dropout masks (training only: evaluation passes none)."""
         seq = idx.shape[1]
         cos, sin = self.rope_cos[:seq], self.rope_sin[:seq]
-        x = self.tok_emb(idx)
+        x = dropout(self.tok_emb(idx), self.config.dropout, generator)
         for block in self.blocks:
-            x = block(x, cos, sin)
+            x = block(x, cos, sin, generator)
         return self.lm_head(self.norm(x))
 
-    def loss(self, idx: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        logits = self.forward(idx)
+    def loss(self, idx: torch.Tensor, targets: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        logits = self.forward(idx, generator)
         return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1))

@@ -7,8 +7,9 @@ Pure data (no torch), shared by the trainer that produces rows and the comparato
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import asdict, dataclass, field, fields
+
+from shadow.jsonl import jsonable
 
 
 @dataclass
@@ -26,22 +27,13 @@ class StepRecord:
     telemetry: dict[str, float] = field(default_factory=dict)  # telemetry steps: the keys of shadow/signals.py
 
     def to_json(self) -> str:
-        return json.dumps({k: _finite_or_str(v) for k, v in asdict(self).items()}, sort_keys=True)
+        return json.dumps(jsonable(asdict(self)), sort_keys=True)
 
     @classmethod
     def from_dict(cls, row: dict) -> "StepRecord":
         known = {f.name for f in fields(cls)}
         values = {k: _parse_float(v) for k, v in row.items() if k in known}
         return cls(**values)
-
-
-def _finite_or_str(value):
-    """JSON has no NaN/Inf: write them as strings so a diverged step stays a valid row."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return str(value)
-    if isinstance(value, dict):
-        return {k: _finite_or_str(v) for k, v in value.items()}
-    return value
 
 
 def _parse_float(value):

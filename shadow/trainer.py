@@ -8,6 +8,12 @@ Everything that influences the next step is in the snapshot: weights, FP8 scalin
 state), AdamW moments and step counts, the step (which fixes the LR schedule and the batch), and RNG
 states. The LR schedule is a pure function of the step, so it has no state of its own.
 
+Randomness (dropout masks) comes from the trainer's own generator, seeded with the job's seed and
+checkpointed as `rng.trainer`: every step draws one seed from it on every rank (so ranks stay in
+step), and micro-batch k of the global batch draws its masks from a generator seeded with that seed
+plus k. Masks therefore depend on the step's global micro-batch index, not on which rank computes it,
+so replays of any world size stay exact, and a checkpoint restored without its RNG state does not.
+
 Every `telemetry.every_steps` steps, a step also records its telemetry (`shadow/telemetry.py`) into
 the row; reading it changes no number of the step.
 """
@@ -90,6 +96,7 @@ class Trainer:
         self.telemetry = TelemetryCollector(self.model, self.backend)
         self._param_names = {id(p): name for name, p in self.model.named_parameters()}
         self.job_hash = job_hash(job)
+        self.rng = torch.Generator().manual_seed(job.seed)  # the run's random stream (see the module doc)
         self.step = 0
         self.nan_loss_at_step: int | None = None  # fault injection (job `faults`), set by the actor
 
@@ -114,10 +121,14 @@ class Trainer:
         loss_sum = torch.zeros((), device=self.device)
         every = self.job.telemetry.every_steps
         record_telemetry = every > 0 and step % every == 0
+        step_seed = int(torch.randint(0, 2**62, (), generator=self.rng))
+        dropout = self.job.model.dropout > 0
         with self.telemetry.recording() if record_telemetry else contextlib.nullcontext():
-            for micro_inputs, micro_targets in self.layout.my_micro_batches(inputs, targets):
+            micro_batches = self.layout.my_micro_batches(inputs, targets)
+            for index, (micro_inputs, micro_targets) in enumerate(micro_batches, self.layout.first_micro_batch):
+                generator = torch.Generator(self.device).manual_seed(step_seed + index) if dropout else None
                 with self.backend.autocast():
-                    loss = self.model.loss(micro_inputs.to(self.device), micro_targets.to(self.device))
+                    loss = self.model.loss(micro_inputs.to(self.device), micro_targets.to(self.device), generator)
                 if step == self.nan_loss_at_step:
                     loss = loss * float("nan")
                 (loss / num_micro_batches).backward()
@@ -166,6 +177,7 @@ class Trainer:
             name = self._param_names[id(param)]
             for key, value in state.items():
                 tensors[f"optim.{name}.{key}"] = value.detach().to("cpu", copy=True)
+        tensors["rng.trainer"] = self.rng.get_state()
         tensors["rng.torch_cpu"] = torch.get_rng_state()
         if self.device.type == "cuda":
             tensors["rng.torch_cuda"] = torch.cuda.get_rng_state(self.device)
@@ -207,6 +219,10 @@ class Trainer:
             groups.append({**saved, "params": list(range(start, start + len(group["params"])))})
             start += len(group["params"])
         self.optimizer.load_state_dict({"state": state, "param_groups": groups})
+        if "rng.trainer" not in snapshot.tensors:
+            raise ValueError(f"checkpoint at step {snapshot.step} has no 'rng.trainer' (the dropout random stream): "
+                             "it cannot be replayed exactly")
+        self.rng.set_state(snapshot.tensors["rng.trainer"])
         torch.set_rng_state(snapshot.tensors["rng.torch_cpu"])
         if self.device.type == "cuda" and "rng.torch_cuda" in snapshot.tensors:
             torch.cuda.set_rng_state(snapshot.tensors["rng.torch_cuda"], self.device)

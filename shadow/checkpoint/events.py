@@ -28,6 +28,7 @@ class CommitInfo(_Event):
     uri: str
     num_bytes: int
     seconds: float  # encoding, hashing and writing (on the persister's thread when async)
+    wait_s: float = 0.0  # the training loop's wait for the previous save to finish before this one could start
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,8 @@ being written, `submit` blocks until that one has finished** (as torch.distribut
 `async_save` does when its previous future is pending). The alternatives are worse: skipping the save
 would silently widen the gap to the last recoverable state (and to the replay start the controller
 planned on), and queueing would hold several full copies of the model and optimizer in host memory.
-The wait is returned by `submit` so the loop can report it: a wait that is often non-zero means the
+The wait is returned by `submit` and carried by the save's `CommitInfo.wait_s` (so it reaches the
+`checkpoint_committed` event and the run's summary): a wait that is often non-zero means the
 checkpoint interval is shorter than the time to persist one.
 
 `SyncPersister` has the same interface and does the work inside `submit`: the reference point for the
@@ -22,6 +23,7 @@ from __future__ import annotations
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import replace
 
 from shadow.checkpoint.events import CheckpointEvent, CheckpointFailed
 from shadow.checkpoint.format import CheckpointError
@@ -29,10 +31,11 @@ from shadow.checkpoint.store import CheckpointStore
 from shadow.snapshot import Snapshot
 
 
-def persist(store: CheckpointStore, snapshot: Snapshot) -> list[CheckpointEvent]:
-    """Save, then apply retention; every outcome becomes an event."""
+def persist(store: CheckpointStore, snapshot: Snapshot, wait_s: float = 0.0) -> list[CheckpointEvent]:
+    """Save, then apply retention; every outcome becomes an event. `wait_s`: how long the loop waited
+    for the previous save before handing over this snapshot (reported with the commit)."""
     try:
-        events: list[CheckpointEvent] = [store.save(snapshot)]
+        events: list[CheckpointEvent] = [replace(store.save(snapshot), wait_s=wait_s)]
     except Exception as exc:  # reported as an event: the training loop must go on
         return [CheckpointFailed(snapshot.step, store.step_uri(snapshot.step), _describe(exc))]
     try:
@@ -100,12 +103,14 @@ class AsyncPersister(SyncPersister):
     def submit(self, snapshot: Snapshot) -> float:
         """Start persisting `snapshot` (the caller must not modify it afterwards).
 
-        Blocks first until the previous save has finished; returns the seconds spent waiting for it.
+        Blocks first until the previous save has finished; returns the seconds spent waiting for it
+        (0.0 when it had already finished), which its `CommitInfo.wait_s` reports too.
         """
         started = time.perf_counter()
+        busy = self.in_flight
         self.wait()
-        waited_s = time.perf_counter() - started
-        self._in_flight = self._executor.submit(lambda: self._report(persist(self.store, snapshot)))
+        waited_s = time.perf_counter() - started if busy else 0.0
+        self._in_flight = self._executor.submit(lambda: self._report(persist(self.store, snapshot, waited_s)))
         return waited_s
 
     def wait(self) -> None:

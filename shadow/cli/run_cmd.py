@@ -21,8 +21,8 @@ def register(subparsers) -> None:
     parser = subparsers.add_parser("run", help="run the FP8 main job with BF16 shadow verification (Ray)",
                                    description=__doc__)
     add_job_args(parser)
-    parser.add_argument("--policy", default=DEFAULT_POLICY, help="policy YAML, re-read during the run "
-                        "(default: %(default)s)")
+    parser.add_argument("--policy", default=None, help="policy YAML, re-read during the run "
+                        f"(default: {DEFAULT_POLICY}; with --resume, the policy file the run last (re)started with)")
     parser.add_argument("--policy-set", dest="policy_overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a policy setting (kept on every reload)")
     parser.add_argument("--out", help="run directory (default: runs/<job>-<time>)")
@@ -59,11 +59,12 @@ def run(args: argparse.Namespace) -> int:
                   file=sys.stderr)
             return 2
         job = load_job(str(run_dir.path / "job.yaml"))
-        policy_path = started[0]["policy_path"] if args.policy == DEFAULT_POLICY else args.policy
+        # the policy in force when the driver died: the one the latest (re)start was given
+        policy_path = started[-1]["policy_path"] if args.policy is None else repo_file(args.policy)
         store_uri = started[0]["store_uri"]
     else:
         job = load_job_from_args(args)
-        policy_path = repo_file(args.policy)
+        policy_path = repo_file(args.policy or DEFAULT_POLICY)
         run_dir = RunDir(args.out or Path("runs") / f"{job.name}-{time.strftime('%Y%m%d-%H%M%S')}")
         store_uri = job.checkpoint.uri or str(run_dir.path.absolute() / "checkpoints")
     policy = load_policy(policy_path, args.policy_overrides)

@@ -24,6 +24,7 @@ def run(args: argparse.Namespace) -> int:
     # torch is imported here, not at module level, so `shadow policy check` starts fast
     from shadow.checkpoint import AsyncPersister, CheckpointError, CheckpointFailed, CommitInfo, open_store
     from shadow.cli.progress import Progress
+    from shadow.controller.summary import checkpoint_waits
     from shadow.loop import LoopSettings, run_steps
     from shadow.rundir import RunDir
     from shadow.trainer import Trainer
@@ -88,6 +89,7 @@ def run(args: argparse.Namespace) -> int:
         "wall_s": wall_s,
         "checkpoints": [e.uri for e in events if isinstance(e, CommitInfo)],
         "max_checkpoint_block_s": max(result.checkpoint_block_s, default=0.0),
+        "checkpoint_waits": checkpoint_waits([e.wait_s for e in events if isinstance(e, CommitInfo)]),
     }
     run_dir.write_summary(summary)
     run_dir.close()

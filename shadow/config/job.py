@@ -61,6 +61,8 @@ class ModelConfig:
     rope_theta: float = 10000.0
     norm_eps: float = 1e-5
     init_std: float = 0.02
+    dropout: float = 0.0  # probability of zeroing an element of the embedding output and of each residual
+    # branch (attention, SwiGLU) while training; masks come from the trainer's checkpointed random stream
     smooth_swiglu: bool = False  # Smooth-SwiGLU (Fishman et al. 2024): each channel of the SwiGLU output is
     # divided by a power-of-two scale before w_down quantizes it, and w_down's column multiplied back, so
     # the function (and BF16 training, bit for bit) is unchanged while FP8 sees no channel outliers
@@ -78,6 +80,8 @@ class ModelConfig:
             found.append(("ffn_hidden", self.ffn_hidden, "0 (automatic) or a positive integer"))
         if self.init_std <= 0:
             found.append(("init_std", self.init_std, "a positive number"))
+        if not 0.0 <= self.dropout < 1.0:
+            found.append(("dropout", self.dropout, "a probability in [0, 1)"))
         return found
 
     @property

@@ -277,7 +277,7 @@ def build_config(schema: type[T], layers: list[tuple[str, dict]]) -> T:
     set_by: dict[str, str] = {}
     for source, data in layers:
         _merge(schema, merged, data, source, "", problems)
-        for key in _leaf_keys(data):
+        for key in flatten(data):
             set_by[key] = source
     if problems:
         raise ConfigError(problems)
@@ -310,12 +310,15 @@ def _instantiate(schema: type[T], values: dict) -> T:
     return schema(**kwargs)
 
 
-def _leaf_keys(data: dict, prefix: str = "") -> list[str]:
-    keys = []
+def flatten(data: dict, prefix: str = "", sep: str = ".") -> dict[str, Any]:
+    """Nested dicts -> {"a.b.c": leaf}, keys joined by `sep` after `prefix`; lists are leaves."""
+    flat: dict[str, Any] = {}
     for key, value in data.items():
-        full = f"{prefix}{key}"
-        keys.extend(_leaf_keys(value, f"{full}.") if isinstance(value, dict) else [full])
-    return keys
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{prefix}{key}{sep}", sep))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
 
 
 def _source_for(key: str, set_by: dict[str, str], fallback: str) -> str:

@@ -15,7 +15,7 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
-from shadow.config.loader import MAX_CONFIG_BYTES, ConfigError, ConfigProblem, to_dict
+from shadow.config.loader import MAX_CONFIG_BYTES, ConfigError, ConfigProblem, flatten, to_dict
 from shadow.config.policy import Policy, policy_from_text
 
 # Keys a running job cannot take a new value for, and why. The noise floor and the violation streak
@@ -80,18 +80,8 @@ class PolicyWatcher:
 
 def diff(old: Policy, new: Policy) -> dict[str, dict[str, Any]]:
     """Changed keys, dotted, as {"key": {"old": ..., "new": ...}} (YAML values, enums as strings)."""
-    before, after = _flatten(to_dict(old)), _flatten(to_dict(new))
+    before, after = flatten(to_dict(old)), flatten(to_dict(new))
     return {key: {"old": before[key], "new": after[key]} for key in before if before[key] != after[key]}
-
-
-def _flatten(data: dict, prefix: str = "") -> dict[str, Any]:
-    flat: dict[str, Any] = {}
-    for key, value in data.items():
-        if isinstance(value, dict):
-            flat.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
 
 
 def _check_immutable(source: str, current: Policy, candidate: Policy) -> None:

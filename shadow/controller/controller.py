@@ -61,7 +61,8 @@ class Controller:
         self.events = EventLog(callbacks)
         self.ledger = CheckpointLedger(open_store(store_uri, run), self.events,
                                        max_failures_in_row=job.run.max_checkpoint_failures,
-                                       committed=resume.committed if resume else ())
+                                       committed=resume.committed if resume else (),
+                                       waits_s=resume.checkpoint_waits_s if resume else ())
         self.main = MainJob(job, store_uri, run, history=resume.history if resume else (),
                             trained=resume.trained if resume else ())
         self.verification = Verification(job, store_uri, run, ledger=self.ledger, events=self.events,
@@ -366,6 +367,7 @@ class Controller:
                              triggers=self.verification.trigger_rows,
                              num_triggered_replays=self.verification.num_triggered_replays,
                              num_precision_switches=self.state.num_precision_switches,
-                             final_eval_loss=self.final_eval_loss, fp8_speedup=self.job.run.fp8_speedup,
+                             final_eval_loss=self.final_eval_loss,
+                             checkpoint_waits_s=self.ledger.waits_s, fp8_speedup=self.job.run.fp8_speedup,
                              wall_s=time.perf_counter() - self.started, phase=self.phase.value,
                              policy_state=self.state.policy_state.to_dict())

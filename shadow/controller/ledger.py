@@ -21,13 +21,14 @@ ROLLBACK_PIN = "rollback-target"
 
 class CheckpointLedger:
     def __init__(self, store: CheckpointStore, events: EventLog, *, max_failures_in_row: int,
-                 committed: Iterable[int] = ()):
+                 committed: Iterable[int] = (), waits_s: Iterable[float] = ()):
         self.store = store
         self.events = events
         self.max_failures_in_row = max_failures_in_row
         self.committed = CommittedSteps(committed)
         self.num_failures_in_row = 0  # failed saves since the last commit
         self.rollback_pin: int | None = None  # the step pinned as `rollback-target`
+        self.waits_s = list(waits_s)  # per commit of the run, the loop's wait for the save before it
 
     def record(self, checkpoint_events: list[dict], lineage: int) -> None:
         """Outcomes reported by the main trainer (committed, deleted by retention, failed), in order."""
@@ -36,6 +37,7 @@ class CheckpointLedger:
             if event["event"] == "checkpoint_committed":
                 self.num_failures_in_row = 0
                 self.committed.add(payload["step"])
+                self.waits_s.append(payload.get("wait_s", 0.0))
                 self.events.emit("checkpoint_committed", lineage=lineage, **payload)
                 self.events.commit_point()
             elif event["event"] == "checkpoint_deleted":

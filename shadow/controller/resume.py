@@ -37,6 +37,7 @@ class ResumePoint:
     replay_steps: dict[str, int]
     num_replays: int
     num_triggered_replays: int
+    checkpoint_waits_s: list[float]  # the loop's waits for a previous save, every commit of the run so far
 
 
 def load_resume_point(run_dir: str | Path, run: str, store_uri: str, job_hash: str) -> ResumePoint:
@@ -89,4 +90,5 @@ def load_resume_point(run_dir: str | Path, run: str, store_uri: str, job_hash: s
         replay_steps=replay_steps,
         num_replays=sum(1 for e in events if e["event"] == "replay_started"),
         num_triggered_replays=sum(1 for e in events if e["event"] == "replay_started" and e.get("triggered")),
+        checkpoint_waits_s=[e.get("wait_s", 0.0) for e in events if e["event"] == "checkpoint_committed"],
     )

@@ -26,10 +26,16 @@ def effective_speedup(*, kept_steps: int, trained_fp8: int, trained_bf16: int, r
     }
 
 
+def checkpoint_waits(waits_s: list[float]) -> dict:
+    """How long the training loop waited for a previous save before the next could start, over the
+    committed checkpoints: often non-zero means the checkpoint interval is shorter than one save."""
+    return {"total_s": sum(waits_s), "max_s": max(waits_s, default=0.0),
+            "num_waited": sum(1 for w in waits_s if w > 0), "num_saves": len(waits_s)}
+
+
 def build_summary(*, history: list[StepRecord], trained: list[StepRecord], replay_steps: dict[str, int],
                   verdicts: list[dict], triggers: list[dict], num_triggered_replays: int,
-                  num_precision_switches: int,
-                  final_eval_loss: float | None,
+                  num_precision_switches: int, final_eval_loss: float | None, checkpoint_waits_s: list[float],
                   fp8_speedup: float, wall_s: float, phase: str, policy_state: dict) -> dict:
     trained_fp8 = sum(1 for r in trained if r.precision == "fp8")
     trained_bf16 = len(trained) - trained_fp8
@@ -60,6 +66,7 @@ def build_summary(*, history: list[StepRecord], trained: list[StepRecord], repla
             kept_steps=len(history), trained_fp8=trained_fp8, trained_bf16=trained_bf16,
             replay_bf16=replay_steps.get("bf16", 0), replay_fp8=replay_steps.get("fp8", 0), fp8_speedup=fp8_speedup),
         "measured_step_time_s": {p: statistics.median(t) if t else None for p, t in step_times.items()},
+        "checkpoint_waits": checkpoint_waits(checkpoint_waits_s),
         "wall_s": wall_s,
         "policy_state": policy_state,
     }
@@ -78,6 +85,8 @@ def format_summary(summary: dict) -> str:
         f"   fallbacks {summary['num_fallbacks']}",
         f"triggers fired   {summary['num_triggers_fired']}   triggered replays {summary['num_triggered_replays']}",
         f"verification cost {summary['verification_cost']:.2f} replay steps per main step",
+        f"checkpoint waits {summary['checkpoint_waits']['num_waited']} of {summary['checkpoint_waits']['num_saves']} "
+        f"saves waited for the previous one, {summary['checkpoint_waits']['total_s']:.2f} s in all",
         f"effective speedup wall {_num(speed['wall'], '.2f')}x   compute {_num(speed['compute'], '.2f')}x   "
         f"(assuming FP8 = {speed['fp8_speedup_assumed']}x BF16 per step)",
         f"wall time        {summary['wall_s']:.1f} s",

@@ -6,10 +6,11 @@ write it to events.jsonl and restore the state after a crash (`PolicyState.from_
 
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass, field, fields, replace
 from enum import Enum
 from typing import Any
+
+from shadow.jsonl import jsonable
 
 
 class Machine(str, Enum):
@@ -44,7 +45,7 @@ class Decision:
     payload: dict[str, Any] = field(default_factory=dict)  # plain data for the controller and events
 
     def to_dict(self) -> dict:
-        return {"kind": self.kind.value, "reason": self.reason, "payload": _jsonable(self.payload)}
+        return {"kind": self.kind.value, "reason": self.reason, "payload": jsonable(self.payload)}
 
 
 @dataclass(frozen=True)
@@ -69,7 +70,7 @@ class PolicyState:
     recent_verifications: tuple[tuple[int, float], ...] = ()
 
     def to_dict(self) -> dict:
-        return _jsonable(asdict(self))
+        return jsonable(asdict(self))
 
     @classmethod
     def from_dict(cls, data: dict) -> "PolicyState":
@@ -111,16 +112,6 @@ class ReplayRequest:
     purpose: Purpose
 
     def to_dict(self) -> dict:
-        return _jsonable(asdict(self))
+        return jsonable(asdict(self))
 
 
-def _jsonable(value):
-    if isinstance(value, Enum):
-        return value.value
-    if isinstance(value, float) and not math.isfinite(value):
-        return str(value)
-    if isinstance(value, dict):
-        return {k: _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    return value

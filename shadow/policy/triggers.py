@@ -17,6 +17,7 @@ from dataclasses import dataclass, field, replace
 from typing import Mapping
 
 from shadow.config.policy import TriggerRule, TriggersConfig
+from shadow.jsonl import jsonable
 
 
 @dataclass(frozen=True)
@@ -30,12 +31,8 @@ class Firing:
 
     def to_dict(self) -> dict:
         """JSON-ready: a non-finite value or z becomes a string ("nan", "inf"), as in trajectory rows."""
-        return {"step": self.step, "signal": self.signal, "value": _json_number(self.value), "test": self.test,
-                "threshold": self.threshold, "z": _json_number(self.z)}
-
-
-def _json_number(value: float | None):
-    return value if value is None or math.isfinite(value) else str(value)
+        return {"step": self.step, "signal": self.signal, "value": jsonable(self.value), "test": self.test,
+                "threshold": self.threshold, "z": jsonable(self.z)}
 
 
 @dataclass(frozen=True)

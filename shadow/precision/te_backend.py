@@ -81,6 +81,10 @@ class TransformerEngineBackend(PrecisionBackend):
         return tensors
 
     def load_extra_state(self, model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+        """Copy saved scaling tensors into the modules' FP8 metadata. Every saved tensor must find its
+        place and, once any was saved, every module's must be there: a scale left at its default would
+        change the next steps' numbers, so a mismatch is an error naming the tensor, never a skip."""
+        placed: set[str] = set()
         for name, module in self._te_modules(model):
             if tensors and not module.fp8_meta.get("scaling_fwd"):
                 # TE creates its FP8 metadata lazily, at the first FP8 forward; create it now to fill it.
@@ -91,12 +95,23 @@ class TransformerEngineBackend(PrecisionBackend):
                 for attr in _META_TENSORS:
                     key = f"{name}.{meta_key}.{attr}"
                     target = getattr(meta, attr, None) if meta is not None else None
-                    if key in tensors and isinstance(target, torch.Tensor):
-                        if tensors[key].shape != target.shape:
-                            raise ValueError(f"TE scaling state {key}: shape {tuple(tensors[key].shape)}, "
-                                             f"expected {tuple(target.shape)}")
-                        with torch.no_grad():
-                            target.copy_(tensors[key].to(target.device))
+                    if not isinstance(target, torch.Tensor):
+                        continue  # this module has no such tensor; a saved one is reported below
+                    if key not in tensors:
+                        if tensors:
+                            raise ValueError(f"TE scaling state {key}: not in the checkpoint, which holds the "
+                                             f"scaling state of other layers ({sorted(tensors)[0]}, ...)")
+                        continue
+                    if tensors[key].shape != target.shape:
+                        raise ValueError(f"TE scaling state {key}: shape {tuple(tensors[key].shape)}, "
+                                         f"expected {tuple(target.shape)}")
+                    with torch.no_grad():
+                        target.copy_(tensors[key].to(target.device))
+                    placed.add(key)
+        unplaced = sorted(set(tensors) - placed)
+        if unplaced:
+            raise ValueError(f"TE scaling state {', '.join(unplaced)}: no matching Transformer Engine layer in "
+                             "this model (was the checkpoint written by another model or layer selection?)")
 
     def _te_modules(self, model: nn.Module):
         return [(n, m) for n, m in model.named_modules() if isinstance(m, self.te.Linear)]

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import re
 
+from shadow.config import flatten
 from shadow.records import StepRecord
 
 # MLflow's limits (mlflow.utils.validation; a unit test checks they still match).
@@ -89,15 +90,8 @@ def replay_tags(event: dict) -> dict[str, str]:
 
 def flatten_params(prefix: str, data: dict) -> dict[str, str]:
     """Nested config -> `prefix.a.b: value` params; lists as JSON; values cut to MLflow's length limit."""
-    params: dict[str, str] = {}
-    for key, value in data.items():
-        name = f"{prefix}.{key}"
-        if isinstance(value, dict):
-            params.update(flatten_params(name, value))
-        else:
-            text = value if isinstance(value, str) else json.dumps(value)
-            params[name[:MAX_ENTITY_KEY_LENGTH]] = text[:MAX_PARAM_VAL_LENGTH]
-    return params
+    return {name[:MAX_ENTITY_KEY_LENGTH]: (value if isinstance(value, str) else json.dumps(value))[:MAX_PARAM_VAL_LENGTH]
+            for name, value in flatten(data, f"{prefix}.").items()}
 
 
 def tag_value(text: str) -> str:

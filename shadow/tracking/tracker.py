@@ -27,6 +27,7 @@ from typing import Callable
 
 import yaml
 
+from shadow.config import flatten
 from shadow.controller.callbacks import RunCallback
 from shadow.records import StepRecord
 from shadow.rundir import EVENTS, SUMMARY, read_events
@@ -327,17 +328,11 @@ def _discarded_range(event: dict) -> str:
     return f"[{first}, {end}) by {event['event']} at step {end}"
 
 
-def _numbers(summary: dict, prefix: str = "") -> dict[str, float]:
+def _numbers(summary: dict) -> dict[str, float]:
     """The summary's numeric fields, nested ones flattened (`effective_speedup_wall`); not the policy state."""
-    out: dict[str, float] = {}
-    for key, value in summary.items():
-        if key == "policy_state":
-            continue
-        if isinstance(value, dict):
-            out.update(_numbers(value, f"{prefix}{key}_"))
-        elif isinstance(value, (int, float)) and not isinstance(value, bool):
-            out[keys.metric_key(f"{prefix}{key}")] = float(value)
-    return out
+    flat = flatten({k: v for k, v in summary.items() if k != "policy_state"}, sep="_")
+    return {keys.metric_key(k): float(v) for k, v in flat.items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool)}
 
 
 def bound_http_requests() -> None:

@@ -8,6 +8,7 @@ its objects. The Ray workers read the standard AWS environment, so it is set bef
 import json
 import os
 import secrets
+import sqlite3
 import threading
 import time
 import uuid
@@ -126,8 +127,16 @@ def test_s3_gone_for_good_stops_the_run_with_the_last_checkpoint_intact(s3_relay
 
 
 def _assert_secret_absent(out, captured) -> None:
-    """S3 credentials never reach events, logs, summary or the console."""
-    texts = [captured.out, captured.err]
-    texts += [p.read_text(errors="replace") for p in out.rglob("*") if p.is_file() and p.suffix in
-              (".jsonl", ".json", ".yaml", ".txt", ".log")]
-    assert texts and not [t for t in texts if SECRET in t]
+    """S3 credentials never reach events, logs, summary, the console or MLflow: every file of the run
+    directory is searched as bytes (the embedded MLflow store `mlflow.db` and its artifacts included),
+    and the store's params and tags, where the job's settings are logged, are read back through sqlite."""
+    assert SECRET not in captured.out and SECRET not in captured.err
+    files = [p for p in out.rglob("*") if p.is_file()]
+    assert {"events.jsonl", "summary.json", "mlflow.db"} <= {p.name for p in files}
+    assert not [p for p in files if SECRET.encode() in p.read_bytes()]
+    with sqlite3.connect(f"file:{out / 'mlflow.db'}?mode=ro", uri=True) as db:
+        params = db.execute("SELECT key, value FROM params").fetchall()
+        tags = db.execute("SELECT key, value FROM tags").fetchall()
+    logged = dict(params)
+    assert logged["job.checkpoint.uri"].startswith("s3://")  # the store's settings were logged, so they were read
+    assert not [(k, v) for k, v in params + tags if SECRET in f"{k}={v}"]

@@ -88,6 +88,21 @@ def test_leaving_any_state_out_breaks_exactness(tmp_path, small_job_file, drop):
         assert _replay_with(damaged, job) != exact
 
 
+def test_with_dropout_a_replay_needs_the_checkpointed_rng_state(tmp_path, small_job_file):
+    """`model.dropout` draws its masks from the trainer's random stream (`rng.trainer`): a replay that
+    restores it is exact; the same checkpoint with the stream reseeded (its RNG state left out) trains on
+    other masks, so every loss of the window differs."""
+    job = load_job(str(small_job_file), ["model.dropout=0.1"])
+    assert main(["train", "--job", str(small_job_file), "--set", "model.dropout=0.1",
+                 "--out", str(tmp_path / "main")]) == 0
+    store, _ = locate_checkpoint(str(tmp_path / "main" / "checkpoints" / "main" / "step-000000008"))
+    expected = [r.loss for r in read_trajectory(tmp_path / "main")][8:14]
+    assert _replay_with(store.load(8), job) == expected
+    reseeded = store.load(8)
+    reseeded.tensors["rng.trainer"] = torch.Generator().manual_seed(job.seed + 1).get_state()
+    assert all(a != b for a, b in zip(_replay_with(reseeded, job), expected))
+
+
 def test_replay_refuses_checkpoint_of_another_job(tmp_path, small_job_file, capsys):
     assert main(["train", "--job", str(small_job_file), "--steps", "8", "--out", str(tmp_path / "main")]) == 0
     checkpoint = tmp_path / "main" / "checkpoints" / "main" / "step-000000008"

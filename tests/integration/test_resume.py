@@ -12,6 +12,8 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 from conftest import FAST, REPO
 
 from shadow.rundir import read_events, read_history
@@ -63,6 +65,11 @@ def test_driver_killed_after_a_rollback_resumes_without_losing_or_repeating_deci
     assert sum(1 for e in after if e["event"] == "rollback") == 1
     summary = json.loads((out / "summary.json").read_text())
     assert summary["phase"] == "finished" and summary["final_step"] == 400
+    # checkpoint waits cover the dead driver's commits too
+    commits = [e for e in after if e["event"] == "checkpoint_committed"]
+    assert summary["checkpoint_waits"]["num_saves"] == len(commits) > sum(
+        1 for e in after[len(before):] if e["event"] == "checkpoint_committed")
+    assert summary["checkpoint_waits"]["total_s"] == pytest.approx(sum(e["wait_s"] for e in commits))
     kept, _ = read_history(out)
     assert [r.step for r in kept] == list(range(400))
     assert any(e["event"] == "precision_switched" and e["new"] == "fp8" for e in after[len(before):])

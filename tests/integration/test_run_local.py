@@ -164,3 +164,21 @@ def test_policy_edit_during_a_run_takes_effect(tmp_path):
     later_starts = [e["start_step"] for e in events[reload_index:] if e["event"] == "replay_started"]
     assert any(start % 100 for start in later_starts)  # a window the old cadence would never start
     assert "every_n_steps: 25" in (out / "policy-v2.yaml").read_text()
+
+
+def test_a_checkpoint_interval_shorter_than_a_save_shows_its_wait(tmp_path):
+    """A checkpoint after every ~2 ms step of a 1 x 8 model: a save (encode, sha256, write, fsync, rename)
+    outlasts a step, so the next save must wait for it; each wait is in its `checkpoint_committed` event
+    and their sum, maximum and count in summary.json."""
+    code, out, summary, events = _run(tmp_path, "waits", "--job", str(REPO / "jobs/tiny.yaml"), "--set", "steps=40",
+                                      "--set", "model.num_layers=1", "--set", "model.d_model=8",
+                                      "--set", "model.num_heads=1", "--set", "model.seq_len=8",
+                                      "--set", "batch_size=2", "--set", "checkpoint.every_steps=1",
+                                      "--policy-set", "verify.every_n_steps=20", "--policy-set", "verify.window_steps=5")
+    assert code == 0
+    waits = [e["wait_s"] for e in _kinds(events, "checkpoint_committed")]
+    assert len(waits) == 41  # the start and one after every step
+    waited = summary["checkpoint_waits"]
+    assert waited["num_saves"] == 41 and waited["num_waited"] == sum(1 for w in waits if w > 0)
+    assert waited["num_waited"] > 0 and waited["max_s"] > 0
+    assert waited["total_s"] == pytest.approx(sum(waits)) and waited["max_s"] == max(waits)

@@ -44,6 +44,34 @@ def test_replays_reproduce_a_two_rank_main_job_bit_for_bit(four_cpu_ray, tmp_pat
         assert rows and all(main_losses[r.step] == r.loss for r in rows), path.name
 
 
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_fp8_replays_reproduce_a_two_rank_main_job_bit_for_bit(four_cpu_ray, tmp_path, dropout):
+    """FP8 with delayed scaling, 2 ranks x 1 micro-batch, replayed in FP8 by 1 rank x 2 micro-batches (the
+    noise-floor windows replay in the main job's precision). Each rank's amax covers its own micro-batch
+    and is max-reduced across ranks; the single replay rank takes the max over both micro-batches itself:
+    the same amax history, scales and losses, bit for bit. With dropout, a micro-batch's masks depend on
+    its index in the global batch, not on the rank that computes it."""
+    code, out, summary, events = _run(tmp_path, f"fp8-dropout{dropout}", *TWO_RANKS, "--set", "steps=120",
+                                      "--set", f"model.dropout={dropout}",
+                                      "--set", "precision.mode=fp8", "--set", "precision.scaling=delayed",
+                                      "--policy-set", "verify.every_n_steps=50", "--policy-set", "noise.enabled=true",
+                                      "--policy-set", "noise.num_windows=2",
+                                      "--policy-set", "verify.replay_resources.num_ranks=1")
+    assert code == 0
+    (started,) = [e for e in events if e["event"] == "main_started"]
+    assert started["ranks"] == 2
+    noise = [e for e in events if e["event"] == "verdict" and e["purpose"] == "noise"]
+    assert len(noise) == 2 and all(e["verdict"]["steps"] and e["verdict"]["max_abs_gap"] == 0.0 for e in noise)
+    history = read_history(out)[0]
+    assert all(r.precision == "fp8" for r in history if r.step < noise[-1]["window_end"])
+    main_losses = {r.step: r.loss for r in history}
+    paths = sorted((out / "replays").glob("*-noise-fp8-*.jsonl"))
+    assert len(paths) == 2
+    for path in paths:
+        rows = read_trajectory(path)
+        assert rows and all(r.precision == "fp8" and main_losses[r.step] == r.loss for r in rows), path.name
+
+
 def test_two_rank_main_job_passes_the_healthy_scenario(four_cpu_ray, tmp_path):
     code, out, summary, events = _run(tmp_path, "healthy", *TWO_RANKS)
     assert code == 0 and summary["final_step"] == 300

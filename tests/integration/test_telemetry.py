@@ -42,6 +42,7 @@ def test_job_hash_has_the_numeric_options_but_not_the_telemetry_cadence():
     assert job_hash(_job("telemetry.every_steps=1")) == base
     assert job_hash(_job("model.smooth_swiglu=true")) != base
     assert job_hash(_job("optim.moments=fp8")) != base
+    assert job_hash(_job("model.dropout=0.1")) != base
     compiled = _job("resources.compile=true", "telemetry.every_steps=0")
     assert job_hash(compiled) != base  # fused kernels round differently
     assert job_hash(_job("resources.num_ranks=2", "resources.grad_accum=1")) == job_hash(

@@ -67,7 +67,8 @@ def test_embedded_sqlite_store_gets_parent_child_and_artifacts(tmp_path, emitted
     tracker = MlflowTracker(tmp_path, experiment="t")
     tracker.bind(_emit_into(emitted))
     _play_run(tracker, tmp_path)
-    tracker.on_finish({"phase": "finished", "final_step": 8, "final_loss": 2.3})
+    tracker.on_finish({"phase": "finished", "final_step": 8, "final_loss": 2.3, "effective_speedup": {"wall": 1.25},
+                       "checkpoint_waits": {"total_s": 0.5, "num_waited": 2}, "policy_state": {"num_switches": 1}})
     assert not emitted  # nothing went wrong, nothing to report
 
     state = TrackingState.load(tmp_path)
@@ -80,6 +81,10 @@ def test_embedded_sqlite_store_gets_parent_child_and_artifacts(tmp_path, emitted
     assert sorted(m.step for m in client.get_metric_history(parent.info.run_id, "train/loss")) == list(range(8))
     assert sorted(m.step for m in client.get_metric_history(child.info.run_id, "train/loss")) == list(range(4))
     assert parent.data.metrics["summary/final_loss"] == 2.3
+    # nested summary figures are flattened with "_"; the policy state is not a metric
+    assert parent.data.metrics["summary/effective_speedup_wall"] == 1.25
+    assert parent.data.metrics["summary/checkpoint_waits_total_s"] == 0.5
+    assert not [k for k in parent.data.metrics if "policy_state" in k or "num_switches" in k]
     experiment = client.get_experiment(parent.info.experiment_id)
     assert experiment.artifact_location == (tmp_path / "mlflow-artifacts").as_uri()  # beside the db
     assert {"job.yaml", "events.jsonl", "policy"} <= {a.path for a in client.list_artifacts(parent.info.run_id)}

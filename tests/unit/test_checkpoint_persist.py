@@ -65,6 +65,9 @@ def test_async_submit_returns_at_once_and_the_next_one_waits(tmp_path):
     events = persister.close()
     assert [(type(e), e.step) for e in events] == [(CommitInfo, 10), (CommitInfo, 20)]
     assert events[0].uri.endswith("run/step-000000010") and events[0].num_bytes > 0
+    # the wait is reported with the save that had to wait (the event payload carries it)
+    assert events[0].wait_s == 0.0 and events[1].wait_s == waits[0]
+    assert events[1].to_event()["wait_s"] == waits[0]
     assert store.latest_committed() == 20
 
 

@@ -37,6 +37,7 @@ BAD_JOBS = {
     "bad_enum": ("precision:\n  scaling: sometimes\n", "precision.scaling"),
     "bad_format": ("precision:\n  format: e9m9\n", "precision.format"),
     "odd_head_width": ("model:\n  d_model: 100\n  num_heads: 4\n", "model.d_model"),
+    "dropout_one": ("model:\n  dropout: 1.0\n", "model.dropout"),
     "negative_lr": ("optim:\n  lr: -1.0\n", "optim.lr"),
     "nan_lr": ("optim:\n  lr: .nan\n", "optim.lr"),
     "min_lr_above_lr": ("optim:\n  lr: 1e-3\n  min_lr: 1e-2\n", "optim.min_lr"),
@@ -95,3 +96,12 @@ def test_every_problem_is_reported_at_once(tmp_path):
     with pytest.raises(ConfigError) as info:
         load_job(str(path))
     assert [p.key for p in info.value.problems] == ["steps", "batch_size", "model.bogus"]
+
+
+def test_flatten_joins_nested_keys():
+    from shadow.config import flatten
+
+    data = {"a": {"b": {"c": 1}, "d": [1, 2]}, "e": "x", "empty": {}}
+    assert flatten(data) == {"a.b.c": 1, "a.d": [1, 2], "e": "x"}
+    assert flatten(data, "job.") == {"job.a.b.c": 1, "job.a.d": [1, 2], "job.e": "x"}
+    assert flatten({"speed": {"wall": 1.0}}, sep="_") == {"speed_wall": 1.0}

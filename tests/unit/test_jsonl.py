@@ -48,3 +48,20 @@ def test_failed_write_leaves_no_partial_line(tmp_path, monkeypatch):
     writer.write({"after": 1})
     writer.close()
     assert list(read_jsonl(path)) == [{"kept": True}, {"after": 1}]
+
+
+def test_jsonable_makes_every_writer_s_values_json_ready():
+    """The one cleaner behind trajectory rows, verdicts, policy state and trigger firings."""
+    import enum
+    import math
+
+    class Colour(str, enum.Enum):
+        RED = "red"
+
+    value = {"loss": math.nan, "z": math.inf, "gaps": (1.0, -math.inf), "kind": Colour.RED,
+             "nested": {"x": [math.nan, 2], "ok": 1.5, "none": None, "flag": True}}
+    cleaned = jsonl.jsonable(value)
+    assert cleaned == {"loss": "nan", "z": "inf", "gaps": [1.0, "-inf"], "kind": "red",
+                       "nested": {"x": ["nan", 2], "ok": 1.5, "none": None, "flag": True}}
+    assert json.loads(json.dumps(cleaned, allow_nan=False)) == cleaned  # strict JSON accepts it
+    assert jsonl.jsonable(None) is None and jsonl.jsonable(-math.inf) == "-inf"

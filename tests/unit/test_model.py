@@ -11,8 +11,8 @@ from shadow.precision.emulated import EmulatedFp8Linear
 CPU = torch.device("cpu")
 
 
-def _model(seed=0):
-    job = load_job(None, ["model.num_layers=2", "model.d_model=32", "model.num_heads=2", "model.seq_len=16"])
+def _model(seed=0, *extra):
+    job = load_job(None, ["model.num_layers=2", "model.d_model=32", "model.num_heads=2", "model.seq_len=16", *extra])
     model = Transformer(job.model, build_backend(job.precision, CPU))
     model.init_weights(seed)
     return model
@@ -27,6 +27,17 @@ def test_causal_future_tokens_do_not_change_earlier_logits():
         a, b = model(idx), model(changed)
     assert torch.equal(a[:, :10], b[:, :10])
     assert not torch.equal(a[:, 10:], b[:, 10:])
+
+
+def test_dropout_masks_come_from_the_generator_and_evaluation_has_none():
+    plain, dropping = _model(0), _model(0, "model.dropout=0.2")
+    idx = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(dropping(idx), plain(idx))  # no generator (evaluation): no dropout
+        masked = dropping(idx, torch.Generator().manual_seed(7))
+        assert torch.equal(dropping(idx, torch.Generator().manual_seed(7)), masked)  # same stream, same masks
+        assert not torch.equal(dropping(idx, torch.Generator().manual_seed(8)), masked)
+        assert not torch.equal(masked, plain(idx))
 
 
 def test_init_is_deterministic_per_seed():

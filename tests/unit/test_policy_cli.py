@@ -110,3 +110,39 @@ def test_python_m_shadow_policy_check_in_a_subprocess():
                             cwd=REPO, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert "# policies/default.yaml: ok" in result.stdout and "thresholds:" in result.stdout
+
+
+@pytest.fixture
+def stopped_run(tmp_path):
+    """A run directory as `shadow run --resume` reads it: started with one policy, resumed once with
+    another (since deleted), and no checkpoint: resuming it fails, after the policy is loaded, at the
+    missing checkpoint."""
+    import json
+
+    from shadow.config import load_job, to_yaml
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "job.yaml").write_text(to_yaml(load_job(None)))
+    started = {"event": "run_started", "time_unix": 0.0, "job": "tiny", "run": "run", "precision": "fp8",
+               "policy_path": str(tmp_path / "deleted-policy.yaml"), "store_uri": str(tmp_path / "checkpoints"),
+               "resumed": False}
+    resumed = {**started, "policy_path": str(tmp_path / "deleted-policy.yaml"), "resumed": True}
+    started["policy_path"] = str(REPO / "policies/observe_only.yaml")
+    (run_dir / "events.jsonl").write_text(json.dumps(started) + "\n" + json.dumps(resumed) + "\n")
+    return run_dir
+
+
+def test_resume_uses_the_runs_policy_unless_one_is_given(stopped_run, tmp_path, capsys):
+    # no --policy: the policy the run was last (re)started with, which is gone
+    assert main(["run", "--resume", str(stopped_run)]) == 2
+    assert "deleted-policy.yaml" in capsys.readouterr().err
+    # --policy given, even the default path: that file is loaded, and the resume goes on to the checkpoint
+    for policy in ("policies/default.yaml", str(REPO / "policies/strict.yaml")):
+        assert main(["run", "--resume", str(stopped_run), "--policy", policy]) == 2
+        err = capsys.readouterr().err
+        assert "deleted-policy.yaml" not in err and "no loadable checkpoint" in err, err
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("thresholds:\n  warn: -1\n")
+    assert main(["run", "--resume", str(stopped_run), "--policy", str(broken)]) == 2
+    assert "broken.yaml" in capsys.readouterr().err

@@ -128,6 +128,27 @@ def test_scaling_state_round_trips_as_plain_tensors(fake_te):
         backend.load_extra_state(fresh, exported)
 
 
+def test_saved_scaling_state_without_a_matching_layer_is_an_error(fake_te):
+    """A saved tensor that finds no TE layer (another model, another layer selection) would leave the
+    scale it stands for at its default and change the numbers: an error naming it, not a skip."""
+    backend = _backend()
+    model = torch.nn.Sequential(backend.linear(4, 4), backend.linear(4, 4))
+    with backend.autocast():
+        for module in model:
+            module.init_fp8_metadata()
+    exported = backend.extra_state(model)
+    smaller = torch.nn.Sequential(backend.linear(4, 4))
+    with pytest.raises(ValueError, match=r"1\.scaling_bwd\.amax_history, 1\.scaling_bwd\.scale, .*no matching"):
+        backend.load_extra_state(smaller, exported)
+    exported["2.scaling_fwd.scale"] = torch.ones(3)  # a layer this model does not have
+    with pytest.raises(ValueError, match=r"2\.scaling_fwd\.scale.*no matching"):
+        backend.load_extra_state(torch.nn.Sequential(backend.linear(4, 4), backend.linear(4, 4)), exported)
+    del exported["2.scaling_fwd.scale"], exported["1.scaling_fwd.scale"]  # a layer's tensor missing
+    with pytest.raises(ValueError, match=r"1\.scaling_fwd\.scale: not in the checkpoint"):
+        backend.load_extra_state(torch.nn.Sequential(backend.linear(4, 4), backend.linear(4, 4)), exported)
+    backend.load_extra_state(torch.nn.Sequential(backend.linear(4, 4), backend.linear(4, 4)), {})  # nothing saved: fine
+
+
 def test_missing_transformer_engine_names_the_alternatives(monkeypatch):
     monkeypatch.setitem(sys.modules, "transformer_engine", None)  # import raises ImportError
     monkeypatch.setitem(sys.modules, "transformer_engine.pytorch", None)
