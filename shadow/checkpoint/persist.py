@@ -24,7 +24,7 @@ import time
 from concurrent.futures import Future, ThreadPoolExecutor
 
 from shadow.checkpoint.events import CheckpointEvent, CheckpointFailed
-from shadow.checkpoint.format import CheckpointError
+from shadow.checkpoint.errors import CheckpointError
 from shadow.checkpoint.store import CheckpointStore
 from shadow.snapshot import Snapshot
 

@@ -21,7 +21,7 @@ from boto3.s3.transfer import TransferConfig
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
 
-from shadow.checkpoint.format import StorageError
+from shadow.checkpoint.errors import CheckpointError, StorageError
 from shadow.checkpoint.store import CheckpointStore
 
 _ABSENT = {"NoSuchKey", "404", "NotFound"}
@@ -43,6 +43,9 @@ class S3Store(CheckpointStore):
     def __init__(self, bucket: str, prefix: str, run: str, keep_last: int = 0, options: S3Options | None = None):
         prefix = prefix.strip("/")
         super().__init__(f"s3://{bucket}/{prefix}" if prefix else f"s3://{bucket}", run, keep_last)
+        if not _plain_key(f"{prefix}/{run}" if prefix else run):
+            raise CheckpointError(f"{self.run_uri}: '.', '..' and empty components are not allowed in S3 checkpoint "
+                                  "keys; fix checkpoint.uri")
         self.bucket = bucket
         self.options = options or S3Options()
         self._key_prefix = f"{prefix}/{run}/" if prefix else f"{run}/"
@@ -75,14 +78,14 @@ class S3Store(CheckpointStore):
 
     def _put(self, path: str, data: bytes) -> None:
         self._call(f"{self.run_uri}/{path}", "uploading", lambda: self._client.upload_fileobj(
-            io.BytesIO(data), self.bucket, self._key_prefix + path, Config=self._transfer))
+            io.BytesIO(data), self.bucket, self._key(path), Config=self._transfer))
 
     def _get(self, path: str) -> bytes:
         return self._call(f"{self.run_uri}/{path}", "downloading", lambda: self._client.get_object(
-            Bucket=self.bucket, Key=self._key_prefix + path)["Body"].read())
+            Bucket=self.bucket, Key=self._key(path))["Body"].read())
 
     def _list(self, directory: str) -> tuple[list[str], list[str]]:
-        prefix = self._key_prefix + (f"{directory}/" if directory else "")
+        prefix = f"{self._key(directory)}/" if directory else self._key_prefix
 
         def list_all():
             dirs, files = [], []
@@ -97,10 +100,10 @@ class S3Store(CheckpointStore):
 
     def _remove(self, path: str) -> None:
         self._call(f"{self.run_uri}/{path}", "deleting", lambda: self._client.delete_object(
-            Bucket=self.bucket, Key=self._key_prefix + path))
+            Bucket=self.bucket, Key=self._key(path)))
 
     def _remove_tree(self, directory: str) -> None:
-        prefix = f"{self._key_prefix}{directory}/"
+        prefix = f"{self._key(directory)}/"
 
         def remove_all():
             pages = self._client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=prefix)
@@ -115,6 +118,14 @@ class S3Store(CheckpointStore):
                                                       f"({len(errors)} objects): {first.get('Code')}"))
 
         self._call(f"{self.run_uri}/{directory}", "deleting", remove_all)
+
+    def _key(self, path: str) -> str:
+        """The object key of `path` (relative to the run); refuses components that would read as a path
+        walk on a file system or in a tool that syncs the bucket to one."""
+        if not _plain_key(path):
+            raise CheckpointError(f"{self.run_uri}/{path}: '.', '..' and empty components are not allowed in S3 "
+                                  "checkpoint keys")
+        return self._key_prefix + path
 
     def _call(self, where: str, action: str, request):
         """Run one request, turning boto errors into FileNotFoundError or a StorageError naming `where`."""
@@ -146,3 +157,7 @@ class S3Store(CheckpointStore):
         for secret in self._secrets:
             text = text.replace(secret, "***")
         return text
+
+
+def _plain_key(key: str) -> bool:
+    return all(part not in ("", ".", "..") and "\\" not in part and "\0" not in part for part in key.split("/"))
