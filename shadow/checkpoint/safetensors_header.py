@@ -37,8 +37,7 @@ def read_header(data: bytes, where: str, file: str) -> dict[str, tuple[torch.dty
     if header_len > len(data) - 8 or header_len > MAX_HEADER_BYTES:
         raise CheckpointError(f"{where}/{file}: not a valid safetensors file (header length {header_len} "
                               f"exceeds the file's {len(data) - 8} bytes after it)")
-    header = parse_object(data[8 : 8 + header_len], f"{where}/{file} (safetensors header)",
-                          max_bytes=MAX_HEADER_BYTES)
+    header = parse_object(data[8 : 8 + header_len], f"{where}/{file}", max_bytes=MAX_HEADER_BYTES, part="header")
     body_len = len(data) - 8 - header_len
     metadata = header.pop("__metadata__", {})
     if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
@@ -58,7 +57,7 @@ def _entry(where: str, file: str, name: str, entry, body_len: int):
         found = sorted(entry) if isinstance(entry, dict) else describe(entry)
         raise InvalidCheckpoint(where, file, key, f"header entry {found}", f"an object with keys {sorted(_ENTRY_KEYS)}")
     dtype_name, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
-    if dtype_name not in DTYPES:
+    if not isinstance(dtype_name, str) or dtype_name not in DTYPES:
         raise InvalidCheckpoint(where, file, key, f"dtype {describe(dtype_name)}", f"one of {sorted(DTYPES)}")
     if not (isinstance(shape, list) and len(shape) <= MAX_DIMS and all(_is_count(d) for d in shape)):
         raise InvalidCheckpoint(where, file, key, f"shape {describe(shape)}",

@@ -22,8 +22,10 @@ class _Refused(ValueError):
     """Raised from inside the parser's hooks; carries the reason."""
 
 
-def parse_object(data: bytes, where: str, *, max_bytes: int) -> dict:
-    """Parse `data` (the whole file at `where`) as one JSON object, refusing anything pathological."""
+def parse_object(data: bytes, where: str, *, max_bytes: int, part: str = "") -> dict:
+    """Parse `data` (the file at `where`, or its `part` such as a safetensors header) as one JSON object,
+    refusing anything pathological."""
+    where = f"{where}: {part}" if part else where
     if len(data) > max_bytes:
         raise CheckpointError(f"{where}: {len(data)} bytes of JSON, more than the {max_bytes} a shadow "
                               "checkpoint writes")
