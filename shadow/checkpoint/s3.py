@@ -43,6 +43,9 @@ class S3Store(CheckpointStore):
     def __init__(self, bucket: str, prefix: str, run: str, keep_last: int = 0, options: S3Options | None = None):
         prefix = prefix.strip("/")
         super().__init__(f"s3://{bucket}/{prefix}" if prefix else f"s3://{bucket}", run, keep_last)
+        # Keys below the run are built from plain names only (step directories, the format's files, pin
+        # names), so the prefix and the run name are what could make a key read as a path walk, on a
+        # file system or in a tool that syncs the bucket to one.
         if not _plain_key(f"{prefix}/{run}" if prefix else run):
             raise CheckpointError(f"{self.run_uri}: '.', '..' and empty components are not allowed in S3 checkpoint "
                                   "keys; fix checkpoint.uri")
@@ -78,14 +81,14 @@ class S3Store(CheckpointStore):
 
     def _put(self, path: str, data: bytes) -> None:
         self._call(f"{self.run_uri}/{path}", "uploading", lambda: self._client.upload_fileobj(
-            io.BytesIO(data), self.bucket, self._key(path), Config=self._transfer))
+            io.BytesIO(data), self.bucket, self._key_prefix + path, Config=self._transfer))
 
     def _get(self, path: str) -> bytes:
         return self._call(f"{self.run_uri}/{path}", "downloading", lambda: self._client.get_object(
-            Bucket=self.bucket, Key=self._key(path))["Body"].read())
+            Bucket=self.bucket, Key=self._key_prefix + path)["Body"].read())
 
     def _list(self, directory: str) -> tuple[list[str], list[str]]:
-        prefix = f"{self._key(directory)}/" if directory else self._key_prefix
+        prefix = self._key_prefix + (f"{directory}/" if directory else "")
 
         def list_all():
             dirs, files = [], []
@@ -100,10 +103,10 @@ class S3Store(CheckpointStore):
 
     def _remove(self, path: str) -> None:
         self._call(f"{self.run_uri}/{path}", "deleting", lambda: self._client.delete_object(
-            Bucket=self.bucket, Key=self._key(path)))
+            Bucket=self.bucket, Key=self._key_prefix + path))
 
     def _remove_tree(self, directory: str) -> None:
-        prefix = f"{self._key(directory)}/"
+        prefix = f"{self._key_prefix}{directory}/"
 
         def remove_all():
             pages = self._client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=prefix)
@@ -118,14 +121,6 @@ class S3Store(CheckpointStore):
                                                       f"({len(errors)} objects): {first.get('Code')}"))
 
         self._call(f"{self.run_uri}/{directory}", "deleting", remove_all)
-
-    def _key(self, path: str) -> str:
-        """The object key of `path` (relative to the run); refuses components that would read as a path
-        walk on a file system or in a tool that syncs the bucket to one."""
-        if not _plain_key(path):
-            raise CheckpointError(f"{self.run_uri}/{path}: '.', '..' and empty components are not allowed in S3 "
-                                  "checkpoint keys")
-        return self._key_prefix + path
 
     def _call(self, where: str, action: str, request):
         """Run one request, turning boto errors into FileNotFoundError or a StorageError naming `where`."""

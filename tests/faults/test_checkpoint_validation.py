@@ -118,6 +118,7 @@ CASES = {
     "manifest_bytes_bool": (None, MANIFEST, "files[0].bytes: boolean true; expected the size of meta.json (a "
                             "non-negative integer)"),
     "manifest_extra_pickle": (None, MANIFEST, "files[5].path: string \"data.pkl\"; expected one of"),
+    "manifest_absolute_path": (None, MANIFEST, "file path '/etc/passwd' is outside the checkpoint directory"),
     "pickle_in_place_of_optim": (lambda d: (d / "optim.safetensors").write_bytes(planted_pickle(d / "pwned")),
                                  "optim.safetensors", "not a valid safetensors file (header length"),
     "file_is_symlink": (None, "optim.safetensors", "a symbolic link, not a regular file inside the checkpoint "
@@ -147,6 +148,8 @@ def _damage_outside_content(name, step_dir, tmp_path):
         manifest = json.loads((step_dir / MANIFEST).read_text())
         if name == "manifest_bytes_bool":
             manifest["files"][0]["bytes"] = True
+        elif name == "manifest_absolute_path":
+            manifest["files"][1]["path"] = "/etc/passwd"
         else:
             payload = planted_pickle(tmp_path / "pwned")
             (step_dir / "data.pkl").write_bytes(payload)
