@@ -57,9 +57,9 @@ def json_type(value) -> str:
 
 
 def describe(value) -> str:
-    """A parsed value in a few words (type and a short excerpt), safe to print whatever it holds."""
-    if isinstance(value, (list, dict)):
-        return f"a JSON {json_type(value)} of {len(value)} item{'' if len(value) == 1 else 's'}"
+    """A parsed value in a few words: its JSON type and text, cut short; one line whatever it holds."""
+    if isinstance(value, (list, dict)) and len(value) > 8:  # not worth serializing for a message
+        return f"{json_type(value)} of {len(value)} items"
     text = json.dumps(value)
     return f"{json_type(value)} {text if len(text) <= 40 else text[:37] + '...'}"
 

@@ -64,7 +64,8 @@ def _pathological_json(draw, text: str) -> bytes:
         return json.dumps(draw(st.sampled_from([[document], None, 3, "x", True, list(document)]))).encode()
     if kind == "utf8":
         position = draw(st.integers(0, len(text)))
-        return text[:position].encode() + draw(st.sampled_from([b"\xff", b"\xc3", b"\xed\xa0\x80"])) + text[position:].encode()
+        invalid = draw(st.sampled_from([b"\xff", b"\xc3", b"\xed\xa0\x80"]))  # stray, cut short, a surrogate
+        return text[:position].encode() + invalid + text[position:].encode()
     if kind == "truncated":
         return text.rstrip()[: draw(st.integers(0, len(text.rstrip()) - 1))].encode()
     if kind == "trailing":

@@ -62,7 +62,7 @@ CASES = {
     "meta_precision_int": (lambda d: _edit_meta(d, lambda m: m.update(precision=8)), META,
                            "'precision': integer 8; expected one of ['fp8', 'bf16']"),
     "meta_param_groups_object": (lambda d: _edit_meta(d, lambda m: m.update(param_groups={"lr": 1})), META,
-                                 "'param_groups': a JSON object of 1 item; expected an array of objects "
+                                 "'param_groups': object {\"lr\": 1}; expected an array of objects "
                                  "(the optimizer's param groups)"),
     "meta_betas_string": (lambda d: _edit_meta(d, lambda m: m["param_groups"][0].update(betas="0.9")), META,
                           "param_groups[0]['betas']: string \"0.9\"; expected array [0.9, 0.95] (the job's "
