@@ -22,6 +22,7 @@ import torch
 
 from shadow.config.job import Moments, OptimConfig
 from shadow.precision.formats import E4M3, E5M2, FPFormat
+from shadow.snapshot import TensorSpec
 
 
 def build_optimizer(config: OptimConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
@@ -39,6 +40,26 @@ def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
     """Bytes of tensors the optimizer keeps between steps (moments, their scales, step counts)."""
     return sum(v.numel() * v.element_size() for state in optimizer.state.values() for v in state.values()
                if isinstance(v, torch.Tensor))
+
+
+def state_layout(optimizer: torch.optim.Optimizer, param: torch.Tensor) -> dict[str, TensorSpec]:
+    """The state `optimizer.step()` keeps for `param` once it has updated it, as a checkpoint holds it.
+
+    Stated here, next to the code that creates the state, so a checkpoint can be checked against a job
+    without running a step; the checkpoint tests compare it with the state real steps leave.
+    """
+    shape = tuple(param.shape)
+    step = TensorSpec((), torch.float32)  # torch keeps the step count as a float32 scalar tensor
+    if not isinstance(optimizer, ScaledMomentAdamW):
+        return {"step": step, "exp_avg": TensorSpec(shape, param.dtype), "exp_avg_sq": TensorSpec(shape, param.dtype)}
+    specs = {"step": step}
+    for key, fmt in zip(("exp_avg", "exp_avg_sq"), optimizer.formats):
+        if fmt is None:
+            specs[key] = TensorSpec(shape, param.dtype)
+        else:
+            specs[key] = TensorSpec(shape, torch.uint8, bits_of=fmt.torch_dtype)
+            specs[key + "_scale"] = TensorSpec((), torch.float32)
+    return specs
 
 
 class ScaledMomentAdamW(torch.optim.Optimizer):

@@ -32,16 +32,13 @@ from shadow.config.job import JobConfig, OptimConfig, PrecisionMode
 from shadow.config.loader import to_dict
 from shadow.data import StepData
 from shadow.distributed import RankLayout, init_group, max_across_ranks, sum_across_ranks
+from shadow.layout import PICKLED_EXTRA_STATE, layout_of
 from shadow.model import Transformer
 from shadow.optim import build_optimizer
 from shadow.precision import build_backend
 from shadow.records import StepRecord
 from shadow.snapshot import Snapshot
 from shadow.telemetry import TelemetryCollector
-
-
-# Transformer Engine pickles its FP8 metadata into `_extra_state`; the backend exports it as tensors.
-_PICKLED_EXTRA_STATE = "_extra_state"
 
 
 def lr_at(config: OptimConfig, step: int, total_steps: int) -> float:
@@ -95,6 +92,7 @@ class Trainer:
         self.optimizer = build_optimizer(job.optim, self.model)
         self.telemetry = TelemetryCollector(self.model, self.backend)
         self._param_names = {id(p): name for name, p in self.model.named_parameters()}
+        self.checkpoint_layout = layout_of(self.model, self.optimizer, self.backend)  # what its checkpoints hold
         self.job_hash = job_hash(job)
         self.rng = torch.Generator().manual_seed(job.seed)  # the run's random stream (see the module doc)
         self.step = 0
@@ -170,7 +168,7 @@ class Trainer:
         tensors = {
             f"model.{k}": v.detach().to("cpu", copy=True)
             for k, v in self.model.state_dict().items()
-            if not k.endswith(_PICKLED_EXTRA_STATE)
+            if not k.endswith(PICKLED_EXTRA_STATE)
         }
         tensors.update({f"precision.{k}": v for k, v in self.backend.extra_state(self.model).items()})
         for param, state in self.optimizer.state.items():
@@ -199,7 +197,7 @@ class Trainer:
                 f"this job is {self.job_hash!r}: a replay must use the main job's config"
             )
         missing, unexpected = self.model.load_state_dict(snapshot.group("model"), strict=False)
-        missing = [k for k in missing if not k.endswith(_PICKLED_EXTRA_STATE)]
+        missing = [k for k in missing if not k.endswith(PICKLED_EXTRA_STATE)]
         if missing or unexpected:
             raise ValueError(f"checkpoint at step {snapshot.step} does not fit this model: "
                              f"missing {missing[:5]}, unexpected {unexpected[:5]}")

@@ -2,7 +2,7 @@
 retention and pins (`retention`), background persistence (`persist`) and what they report (`events`)."""
 
 from shadow.checkpoint.events import CheckpointDeleted, CheckpointEvent, CheckpointFailed, CommitInfo
-from shadow.checkpoint.format import CheckpointError, StorageError
+from shadow.checkpoint.errors import CheckpointError, InvalidCheckpoint, NonFiniteCheckpoint, StorageError
 from shadow.checkpoint.persist import AsyncPersister, SyncPersister
 from shadow.checkpoint.store import CheckpointStore
 from shadow.checkpoint.uri import locate_checkpoint, open_store
@@ -15,6 +15,8 @@ __all__ = [
     "CheckpointFailed",
     "CheckpointStore",
     "CommitInfo",
+    "InvalidCheckpoint",
+    "NonFiniteCheckpoint",
     "StorageError",
     "SyncPersister",
     "locate_checkpoint",

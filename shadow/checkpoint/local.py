@@ -2,15 +2,21 @@
 
 Each file is written to a temporary name, fsynced and renamed into place, and the directory is fsynced
 after every rename, so after a crash the manifest is never durable before the files it lists.
+
+Reading never follows a symbolic link below the run directory and reads regular files only: a step
+directory or a file replaced by a link (to `/etc/passwd`, to another run) or by a FIFO or device is a
+damaged checkpoint, refused with its path, not something to open.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
+import stat
 from pathlib import Path
 
-from shadow.checkpoint.format import StorageError
+from shadow.checkpoint.errors import CheckpointError, StorageError
 from shadow.checkpoint.store import CheckpointStore
 
 
@@ -48,11 +54,25 @@ class LocalStore(CheckpointStore):
     def _get(self, path: str) -> bytes:
         target = self._path(path)
         try:
-            return target.read_bytes()
+            fd = _open_regular(Path(self.run_uri), path)
         except FileNotFoundError:
             raise
         except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                raise CheckpointError(f"{target}: a symbolic link, not a regular file inside the checkpoint "
+                                      "directory; links are not followed") from None
+            if exc.errno == errno.ENOTDIR:
+                raise CheckpointError(f"{target}: its directory is a symbolic link or not a directory; links are "
+                                      "not followed") from None
             raise StorageError(f"{target}: cannot read ({exc.strerror})") from None
+        with os.fdopen(fd, "rb") as f:
+            if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+                raise CheckpointError(f"{target}: not a regular file (a FIFO, device or directory); a checkpoint "
+                                      "holds regular files only")
+            try:
+                return f.read()
+            except OSError as exc:
+                raise StorageError(f"{target}: cannot read ({exc.strerror})") from None
 
     def _list(self, directory: str) -> tuple[list[str], list[str]]:
         try:
@@ -66,6 +86,26 @@ class LocalStore(CheckpointStore):
 
     def _remove_tree(self, directory: str) -> None:
         shutil.rmtree(self._path(directory), ignore_errors=True)
+
+
+def _open_regular(root: Path, path: str) -> int:
+    """A read descriptor for `root/path`, with no symbolic link followed in `path` (O_NOFOLLOW at every
+    component, each opened relative to its parent, so a link swapped in meanwhile is not followed either).
+    Non-blocking, so that a FIFO planted in place of a file cannot hang the reader; the caller checks the
+    file type on the open descriptor."""
+    *directories, name = path.split("/")
+    fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        for directory in directories:
+            parent, fd = fd, -1
+            try:
+                fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=parent)
+            finally:
+                os.close(parent)
+        return os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK, dir_fd=fd)
+    finally:
+        if fd >= 0:
+            os.close(fd)
 
 
 def _fsync_dir(directory: Path) -> None:

@@ -26,7 +26,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import replace
 
 from shadow.checkpoint.events import CheckpointEvent, CheckpointFailed
-from shadow.checkpoint.format import CheckpointError
+from shadow.checkpoint.errors import CheckpointError
 from shadow.checkpoint.store import CheckpointStore
 from shadow.snapshot import Snapshot
 

@@ -11,7 +11,8 @@ from __future__ import annotations
 import re
 from collections.abc import Collection, Sequence
 
-from shadow.checkpoint.format import CheckpointError, parse_step_dirname, step_dirname
+from shadow.checkpoint.errors import CheckpointError
+from shadow.checkpoint.format import parse_step_dirname, step_dirname
 
 PINS_DIR = "pins"
 _REASON = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")

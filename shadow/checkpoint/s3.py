@@ -21,7 +21,7 @@ from boto3.s3.transfer import TransferConfig
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
 
-from shadow.checkpoint.format import StorageError
+from shadow.checkpoint.errors import CheckpointError, StorageError
 from shadow.checkpoint.store import CheckpointStore
 
 _ABSENT = {"NoSuchKey", "404", "NotFound"}
@@ -43,6 +43,12 @@ class S3Store(CheckpointStore):
     def __init__(self, bucket: str, prefix: str, run: str, keep_last: int = 0, options: S3Options | None = None):
         prefix = prefix.strip("/")
         super().__init__(f"s3://{bucket}/{prefix}" if prefix else f"s3://{bucket}", run, keep_last)
+        # Keys below the run are built from plain names only (step directories, the format's files, pin
+        # names), so the prefix and the run name are what could make a key read as a path walk, on a
+        # file system or in a tool that syncs the bucket to one.
+        if not _plain_key(f"{prefix}/{run}" if prefix else run):
+            raise CheckpointError(f"{self.run_uri}: '.', '..' and empty components are not allowed in S3 checkpoint "
+                                  "keys; fix checkpoint.uri")
         self.bucket = bucket
         self.options = options or S3Options()
         self._key_prefix = f"{prefix}/{run}/" if prefix else f"{run}/"
@@ -146,3 +152,7 @@ class S3Store(CheckpointStore):
         for secret in self._secrets:
             text = text.replace(secret, "***")
         return text
+
+
+def _plain_key(key: str) -> bool:
+    return all(part not in ("", ".", "..") and "\\" not in part and "\0" not in part for part in key.split("/"))

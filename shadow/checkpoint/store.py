@@ -4,7 +4,8 @@ Layout: `<root>/<run>/step-<NNNNNNNNN>/<file>` and `<root>/<run>/pins/<pin>`.
 - `save` writes every file of the checkpoint, then `MANIFEST.json` (sizes and sha256 of all of them).
   The manifest is the commit: a step directory without one is an interrupted save, invisible to readers.
 - `load` reads the manifest and every listed file, checks size and sha256, then decodes safetensors and
-  JSON only. Files the manifest does not list are never opened.
+  JSON only. Files the manifest does not list are never opened. Given the job's layout, it also checks
+  the content against the job before returning it (`validate.py`).
 - `latest_committed` is the newest checkpoint that verifies; damaged or foreign ones are skipped (and
   logged once), storage errors are raised. Verification results are cached per (step, manifest bytes).
 - Retention deletes all but the newest `keep_last` committed checkpoints, except pinned ones and the
@@ -22,11 +23,11 @@ import threading
 import time
 from abc import ABC, abstractmethod
 
+from shadow.checkpoint.errors import CheckpointError, StorageError
 from shadow.checkpoint.events import CheckpointDeleted, CommitInfo
 from shadow.checkpoint.format import (
     MANIFEST,
-    CheckpointError,
-    StorageError,
+    MAX_JSON_BYTES,
     build_manifest,
     check_identity,
     decode,
@@ -37,7 +38,9 @@ from shadow.checkpoint.format import (
     verify_file,
 )
 from shadow.checkpoint.retention import PINS_DIR, parse_pin_name, pin_name, select_for_deletion
-from shadow.snapshot import Snapshot
+from shadow.checkpoint.strict_json import parse_object
+from shadow.checkpoint.validate import META, check_meta
+from shadow.snapshot import Snapshot, SnapshotLayout
 
 log = logging.getLogger(__name__)
 
@@ -102,40 +105,42 @@ class CheckpointStore(ABC):
         num_bytes = sum(len(d) for d in files.values()) + len(manifest)
         return CommitInfo(step, self.step_uri(step), num_bytes, time.perf_counter() - start)
 
-    def load(self, step: int, expected_job_hash: str | None = None) -> Snapshot:
-        """Read, verify (size and sha256 of every file, always) and decode a committed checkpoint."""
-        raw, manifest = self._manifest(step, expected_job_hash)
-        try:
-            files = {entry["path"]: self._verified_file(step, entry) for entry in manifest["files"]}
-            snapshot = decode(files, self.step_uri(step))
-        except StorageError:
-            raise
-        except CheckpointError as exc:
-            self._remember(step, raw, str(exc))
-            raise
-        self._remember(step, raw, "")
-        return snapshot
+    def load(self, step: int, expected_job_hash: str | None = None, layout: SnapshotLayout | None = None,
+             allow_nonfinite: bool = False) -> Snapshot:
+        """Read, verify (size and sha256 of every file, always) and decode a committed checkpoint.
 
-    def verify(self, step: int, expected_job_hash: str | None = None) -> None:
-        """Check a checkpoint without decoding it: manifest, identity, every file's size and sha256."""
+        Callers that train from it pass the job's `layout`: the checkpoint is then checked against the
+        job (meta.json, tensor names, shapes, dtypes, finite values unless `allow_nonfinite`) before the
+        trainer sees it.
+        """
         raw, manifest = self._manifest(step, expected_job_hash)
-        key = (step, hashlib.sha256(raw).hexdigest())
+        files = self._verified_files(step, raw, manifest)
+        return decode(files, self.step_uri(step), step=step, job_hash=manifest["job_hash"], layout=layout,
+                      allow_nonfinite=allow_nonfinite)
+
+    def verify(self, step: int, expected_job_hash: str | None = None, layout: SnapshotLayout | None = None) -> None:
+        """Check a checkpoint: manifest, identity, every file's size, sha256 and structure, meta.json's fields.
+
+        With a `layout`, also everything `load` checks against the job (which decodes the tensors; a
+        non-finite checkpoint fails). Without one no tensor is decoded and the result is cached per manifest.
+        """
+        if layout is not None:
+            self.load(step, expected_job_hash, layout)
+            return
+        raw, manifest = self._manifest(step, expected_job_hash)
         with self._verified_lock:
-            known = self._verified.get(key)
+            known = self._verified.get((step, hashlib.sha256(raw).hexdigest()))
         if known is not None:
             if known:
                 raise CheckpointError(known)
             return
         try:
-            for entry in manifest["files"]:
-                self._verified_file(step, entry)
+            self._verified_files(step, raw, manifest)
         except StorageError:
             raise
         except CheckpointError as exc:
-            self._remember(step, raw, str(exc))
             log.warning("skipping damaged checkpoint: %s", exc)
             raise
-        self._remember(step, raw, "")
 
     def list_committed(self) -> list[int]:
         """Steps with a well-formed manifest of this run, ascending (files are not hashed here)."""
@@ -228,6 +233,21 @@ class CheckpointStore(ABC):
             raise CheckpointError(f"{where}/{entry['path']}: listed in the manifest but missing") from None
         verify_file(entry, data, where)
         return data
+
+    def _verified_files(self, step: int, raw: bytes, manifest: dict) -> dict[str, bytes]:
+        """Every listed file, checked against the manifest, and meta.json's own fields; the outcome is
+        remembered per manifest (whether the checkpoint fits a job is checked by `decode`, not here)."""
+        try:
+            files = {entry["path"]: self._verified_file(step, entry) for entry in manifest["files"]}
+            meta = parse_object(files[META], f"{self.step_uri(step)}/{META}", max_bytes=MAX_JSON_BYTES)
+            check_meta(meta, self.step_uri(step), step=step, job_hash=manifest["job_hash"], layout=None)
+        except StorageError:
+            raise
+        except CheckpointError as exc:
+            self._remember(step, raw, str(exc))
+            raise
+        self._remember(step, raw, "")
+        return files
 
     def _remember(self, step: int, manifest: bytes, error: str) -> None:
         with self._verified_lock:

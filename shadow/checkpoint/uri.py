@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from shadow.checkpoint.format import CheckpointError, parse_step_dirname
+from shadow.checkpoint.errors import CheckpointError
+from shadow.checkpoint.format import parse_step_dirname
 from shadow.checkpoint.local import LocalStore
 from shadow.checkpoint.store import CheckpointStore
 

@@ -17,12 +17,15 @@ def register(subparsers) -> None:
     parser.add_argument("--steps", type=int, required=True, help="window length W: steps to replay")
     parser.add_argument("--precision", choices=["fp8", "bf16"], help="default: the checkpoint's precision")
     parser.add_argument("--out", help="run directory (default: runs/<job>-replay-<time>)")
+    parser.add_argument("--allow-nonfinite", action="store_true",
+                        help="replay even if the checkpoint's weights or optimizer state hold NaN or Inf "
+                        "(refused by default, naming the tensor and file), e.g. to reproduce a divergence")
     parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     # torch is imported here, not at module level, so `shadow policy check` starts fast
-    from shadow.checkpoint import CheckpointError, locate_checkpoint
+    from shadow.checkpoint import CheckpointError, NonFiniteCheckpoint, locate_checkpoint
     from shadow.cli.progress import Progress
     from shadow.loop import LoopSettings, run_steps
     from shadow.rundir import RunDir
@@ -35,7 +38,11 @@ def run(args: argparse.Namespace) -> int:
     trainer = Trainer(job)
     try:
         store, step = locate_checkpoint(args.checkpoint)
-        snapshot = store.load(step, expected_job_hash=trainer.job_hash)
+        snapshot = store.load(step, expected_job_hash=trainer.job_hash, layout=trainer.checkpoint_layout,
+                              allow_nonfinite=args.allow_nonfinite)
+    except NonFiniteCheckpoint as exc:
+        print(f"cannot replay: {exc} (--allow-nonfinite replays it anyway)", file=sys.stderr)
+        return 2
     except CheckpointError as exc:
         print(f"cannot replay: {exc}", file=sys.stderr)
         return 2

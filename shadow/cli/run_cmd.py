@@ -38,6 +38,7 @@ def run(args: argparse.Namespace) -> int:
     # Heavy imports (torch, ray) happen here so other subcommands start fast.
     import ray
 
+    from shadow.checkpoint import CheckpointError
     from shadow.cli.run_console import ConsoleProgress
     from shadow.config import load_job, to_yaml
     from shadow.config.policy import load_policy
@@ -70,8 +71,8 @@ def run(args: argparse.Namespace) -> int:
     policy = load_policy(policy_path, args.policy_overrides)
     if args.resume:
         try:
-            resume = load_resume_point(run_dir.path, run_dir.name, store_uri, job_hash(job))
-        except ResumeError as exc:
+            resume = load_resume_point(run_dir.path, run_dir.name, store_uri, job_hash(job), _layout_here(job))
+        except (ResumeError, CheckpointError) as exc:  # CheckpointError: the store cannot be reached or used
             print(f"--resume: {exc}", file=sys.stderr)
             return 2
     else:
@@ -113,6 +114,18 @@ def run(args: argparse.Namespace) -> int:
     if received:
         return 128 + received[0]  # the shell convention for "ended by this signal" (130 SIGINT, 143 SIGTERM)
     return 0 if summary["phase"] == "finished" else 1
+
+
+def _layout_here(job):
+    """The layout resume checks checkpoints against; None where the job's precision backend cannot be built
+    on this driver (TE without a GPU): the main trainer then checks the checkpoint against its own model."""
+    from shadow.layout import expected_layout
+    from shadow.precision import BackendUnavailable
+
+    try:
+        return expected_layout(job)
+    except BackendUnavailable:
+        return None
 
 
 def _stop_handler(controller, received: list[int]):

@@ -118,7 +118,8 @@ class MainTrainer(_Rank):
         if self.persister is not None:
             self.persister.wait()  # a save of the abandoned state must not land after the restore
         store = self.store if run == self.store.run else open_store(store_uri, run)
-        self.trainer.restore(store.load(step, expected_job_hash=self.trainer.job_hash))
+        snapshot = store.load(step, expected_job_hash=self.trainer.job_hash, layout=self.trainer.checkpoint_layout)
+        self.trainer.restore(snapshot)
         self.trainer.set_precision(precision)
         return self.trainer.step
 
@@ -146,7 +147,8 @@ class ReplayWorker(_Rank):
 
         started = time.perf_counter()
         trainer = Trainer(self.job, self.layout)  # fresh per window: nothing of an earlier replay leaks in
-        snapshot = open_store(task.store_uri, task.run).load(task.start_step, expected_job_hash=trainer.job_hash)
+        snapshot = open_store(task.store_uri, task.run).load(task.start_step, expected_job_hash=trainer.job_hash,
+                                                             layout=trainer.checkpoint_layout)
         trainer.restore(snapshot)
         trainer.set_precision(task.precision)
         until = task.start_step + task.num_steps

@@ -16,6 +16,7 @@ from shadow.checkpoint import CheckpointError, StorageError, open_store
 from shadow.controller.state import RunState
 from shadow.records import StepRecord
 from shadow.rundir import read_events, read_history, read_trajectory
+from shadow.snapshot import SnapshotLayout
 
 
 class ResumeError(RuntimeError):
@@ -40,7 +41,11 @@ class ResumePoint:
     checkpoint_waits_s: list[float]  # the loop's waits for a previous save, every commit of the run so far
 
 
-def load_resume_point(run_dir: str | Path, run: str, store_uri: str, job_hash: str) -> ResumePoint:
+def load_resume_point(run_dir: str | Path, run: str, store_uri: str, job_hash: str,
+                      layout: SnapshotLayout | None) -> ResumePoint:
+    """Where the run continues: its state and the newest checkpoint of its lineage that is sound and fits
+    the job (`layout`: names, shapes, dtypes, finite values; None where the job's precision backend cannot
+    be built here, and the main trainer checks the checkpoint against its own model when it loads it)."""
     events = read_events(run_dir)
     started = [e for e in events if e["event"] == "run_started"]
     if not started:
@@ -55,10 +60,10 @@ def load_resume_point(run_dir: str | Path, run: str, store_uri: str, job_hash: s
     rejected: list[tuple[int, str]] = []
     for step in reversed(lineage_commits):
         try:
-            store.verify(step, expected_job_hash=job_hash)
+            store.verify(step, expected_job_hash=job_hash, layout=layout)
         except StorageError:
             raise  # the store is unreachable: falling back to an older checkpoint would be wrong
-        except CheckpointError as exc:  # damaged, truncated, foreign: fall back to the one before
+        except CheckpointError as exc:  # damaged, truncated, foreign, not fitting the job: fall back
             rejected.append((step, str(exc)))
             continue
         restore_step = step

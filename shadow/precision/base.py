@@ -71,6 +71,10 @@ class PrecisionBackend(ABC):
     """Base of all backends: mode, step, the shared BF16 pieces; subclasses add FP8 GEMM layers."""
 
     name = "base"
+    # Whether `extra_state` of a freshly built model already has every key a checkpoint of it will hold.
+    # TE creates its FP8 scaling state at the first FP8 forward, so a checkpoint's `precision.` tensors
+    # can be checked only by its `load_extra_state`, not against a layout known before training.
+    extra_state_known_before_training = True
 
     def __init__(self, config: PrecisionConfig, device: torch.device):
         self.config = config

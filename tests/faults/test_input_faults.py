@@ -8,6 +8,7 @@ import threading
 import time
 
 import pytest
+from checkpoint_damage import resign, set_first_value
 from conftest import FAST, REPO
 
 from shadow.checkpoint.format import MANIFEST
@@ -58,10 +59,13 @@ def _damage(run_dir, how, marker):
         manifest = json.loads((step_dir / MANIFEST).read_text())
         manifest["job_hash"] = "0123456789abcdef"
         (step_dir / MANIFEST).write_text(json.dumps(manifest))
+    elif how == "nonfinite_resigned":  # the manifest rewritten to match: only the content check catches it
+        set_first_value(step_dir, "model.safetensors", "tok_emb.weight", float("nan"))
+        resign(step_dir)
     return step_dir
 
 
-@pytest.mark.parametrize("how", ["truncated", "malicious_pickle", "foreign_job"])
+@pytest.mark.parametrize("how", ["truncated", "malicious_pickle", "foreign_job", "nonfinite_resigned"])
 def test_resume_rejects_a_bad_newest_checkpoint_and_falls_back(crashed_run, tmp_path, how):
     run_dir = _copy_run(crashed_run, tmp_path / crashed_run.name)
     marker = tmp_path / "pickle-was-executed"
@@ -71,7 +75,7 @@ def test_resume_rejects_a_bad_newest_checkpoint_and_falls_back(crashed_run, tmp_
     (rejected,) = [e for e in events if e["event"] == "checkpoint_rejected"]
     assert rejected["step"] == 50
     expected = {"truncated": "optim.safetensors", "malicious_pickle": "optim.safetensors",
-                "foreign_job": MANIFEST}[how]
+                "foreign_job": MANIFEST, "nonfinite_resigned": "model.safetensors: tensor 'tok_emb.weight'"}[how]
     assert expected in rejected["error"]
     resumed = next(e for e in events if e["event"] == "resumed")
     assert resumed["step"] == 0  # the previous valid checkpoint
