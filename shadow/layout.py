@@ -38,6 +38,7 @@ def layout_of(model: nn.Module, optimizer: torch.optim.Optimizer, backend: Preci
     else:
         unchecked = ("precision",)
     required["rng.torch_cpu"] = TensorSpec(tuple(torch.get_rng_state().shape), torch.uint8, generator="cpu")
+    required["rng.trainer"] = TensorSpec(tuple(torch.Generator().get_state().shape), torch.uint8, generator="cpu")
     optional = {"rng.torch_cuda": TensorSpec((_CUDA_RNG_STATE_BYTES,), torch.uint8, generator="cuda")}
     optim_state = {f"optim.{name}": state_layout(optimizer, param) for name, param in model.named_parameters()}
     groups = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.state_dict()["param_groups"]]
