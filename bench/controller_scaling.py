@@ -212,9 +212,9 @@ def main() -> None:
                  ("num_verifications", "verdicts", "d"),
                  ("decision_point_early_us", "decision us early", ".0f"),
                  ("decision_point_late_us", "late", ".0f"), ("decision_point_late_over_early", "late/early", ".2f"),
-                 ("schedule_replays_early_us", "schedule us early", ".0f"),
-                 ("schedule_replays_late_us", "late", ".0f"),
-                 ("schedule_replays_late_over_early", "late/early", ".2f"),
+                 ("schedule_early_us", "schedule us early", ".0f"),
+                 ("schedule_late_us", "late", ".0f"),
+                 ("schedule_late_over_early", "late/early", ".2f"),
                  ("judge_early_us", "judge us early", ".0f"), ("judge_late_us", "late", ".0f"),
                  ("controller_us_per_step", "ctrl us/step", ".1f"), ("wall_s", "wall s", ".1f")], rows,
                 title=f"\nController scaling: dummy trainer (main step {args.main_step_ms} ms, replay step "

@@ -56,3 +56,18 @@ def pytest_terminal_summary(terminalreporter):
         terminalreporter.section(f"tests over {SLOW_S:.0f} s without the `slow` marker (mark them)")
         for nodeid, seconds in sorted(_unmarked_slow, key=lambda item: -item[1]):
             terminalreporter.write_line(f"{seconds:6.1f} s  {nodeid}")
+
+
+def shadow_run(out: Path, *args: str):
+    """`shadow run --out OUT ARGS` in this process: (exit code, run dir, summary, events)."""
+    import json
+
+    from shadow.cli import main
+    from shadow.rundir import read_events
+
+    code = main(["run", "--out", str(out), *args])
+    return code, out, json.loads((out / "summary.json").read_text()), read_events(out)
+
+
+def kinds_of(events: list[dict], kind: str) -> list[dict]:
+    return [e for e in events if e["event"] == kind]

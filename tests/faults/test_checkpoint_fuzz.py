@@ -26,6 +26,8 @@ from safetensors.torch import save as save_safetensors
 
 from shadow.checkpoint.format import MANIFEST
 
+pytestmark = pytest.mark.slow
+
 META = "meta.json"
 SAFETENSORS = DATA_FILES[:4]
 JSON_VALUES = st.recursive(

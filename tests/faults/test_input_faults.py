@@ -4,8 +4,6 @@ a policy file edited into something invalid, deleted, or replaced by a huge file
 import json
 import pickle
 import shutil
-import threading
-import time
 
 import pytest
 from checkpoint_damage import resign, set_first_value
@@ -13,9 +11,10 @@ from conftest import FAST, REPO
 
 from shadow.checkpoint.format import MANIFEST
 from shadow.cli import main
+from shadow.controller.callbacks import RunDirWriter
 from shadow.rundir import read_events, read_history
 
-pytestmark = pytest.mark.usefixtures("local_ray")
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("local_ray")]
 TINY = str(REPO / "jobs/tiny.yaml")
 
 
@@ -84,7 +83,7 @@ def test_resume_rejects_a_bad_newest_checkpoint_and_falls_back(crashed_run, tmp_
     assert [r.step for r in kept] == list(range(120))
 
 
-def test_policy_file_broken_deleted_or_huge_mid_run_keeps_the_old_policy(tmp_path):
+def test_policy_file_broken_deleted_or_huge_mid_run_keeps_the_old_policy(tmp_path, monkeypatch):
     policy = tmp_path / "policy.yaml"
     shutil.copy(REPO / "policies/default.yaml", policy)
     out = tmp_path / "run"
@@ -93,22 +92,18 @@ def test_policy_file_broken_deleted_or_huge_mid_run_keeps_the_old_policy(tmp_pat
         lambda: policy.unlink(),
         lambda: policy.write_text("# padding\n" * 60_000),
     ]
+    # each edit as the run writes the event it follows (the first commit, then each rejection), so it
+    # lands before the next decision point (every 10 steps) at any machine speed
+    write_event = RunDirWriter.on_event
 
-    def editor():
-        done = 0
-        deadline = time.time() + 120
-        while done < len(edits) and time.time() < deadline:
-            rejected = [e for e in read_events(out) if e["event"] == "policy_rejected"] if (
-                out / "events.jsonl").exists() else []
-            if len(rejected) == done and (done or any(e["event"] == "checkpoint_committed" for e in read_events(out))):
-                edits[done]()
-                done += 1
-            time.sleep(0.05)
+    def on_event(self, event):
+        write_event(self, event)
+        follows = "checkpoint_committed" if len(edits) == 3 else "policy_rejected"
+        if edits and event["event"] == follows:
+            edits.pop(0)()
 
-    thread = threading.Thread(target=editor)
-    thread.start()
-    code = main(["run", "--job", TINY, "--set", "steps=60", "--policy", str(policy), "--out", str(out)])
-    thread.join()
+    monkeypatch.setattr(RunDirWriter, "on_event", on_event)
+    code = main(["run", "--job", TINY, *FAST, "--set", "steps=60", "--policy", str(policy), "--out", str(out)])
     assert code == 0
     rejected = [e for e in read_events(out) if e["event"] == "policy_rejected"]
     assert len(rejected) == 3

@@ -13,7 +13,7 @@ from conftest import FAST, REPO
 from shadow.cli import main
 from shadow.rundir import read_events, read_history
 
-pytestmark = pytest.mark.usefixtures("local_ray")
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("local_ray")]
 TINY = str(REPO / "jobs/tiny.yaml")
 EVERY_50 = ["--policy-set", "verify.every_n_steps=50"]
 

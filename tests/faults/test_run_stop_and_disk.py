@@ -15,6 +15,8 @@ from conftest import FAST, REPO
 
 from shadow.rundir import read_events
 
+pytestmark = pytest.mark.slow
+
 TINY = str(REPO / "jobs/tiny.yaml")
 
 

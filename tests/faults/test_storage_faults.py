@@ -25,6 +25,8 @@ from shadow.config import load_job
 from shadow.rundir import read_events
 from shadow.trainer import job_hash
 
+pytestmark = pytest.mark.slow
+
 TINY = str(REPO / "jobs/tiny.yaml")
 SECRET = f"planted-secret-{secrets.token_hex(8)}"
 

@@ -30,6 +30,8 @@ from shadow.cli import main
 from shadow.rundir import read_events, read_history, read_trajectory
 from shadow.tracking.state import TrackingState
 
+pytestmark = pytest.mark.slow
+
 REPO = Path(__file__).resolve().parents[2]
 FAULT_JOB = str(REPO / "jobs/tiny_fault.yaml")
 FAST = ["--set", "model.num_layers=2", "--set", "model.d_model=64", "--set", "model.seq_len=64",

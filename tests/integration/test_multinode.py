@@ -2,12 +2,15 @@
 
 import json
 
+import pytest
 import ray
 from conftest import FAST, REPO
 from ray.cluster_utils import Cluster
 
 from shadow.cli import main
 from shadow.rundir import read_events
+
+pytestmark = pytest.mark.slow
 
 
 def test_main_and_replay_land_on_different_nodes_of_a_two_node_cluster(tmp_path):

@@ -18,6 +18,8 @@ from conftest import FAST, REPO
 
 from shadow.rundir import read_events, read_history
 
+pytestmark = pytest.mark.slow
+
 
 def _shadow(*args) -> list[str]:
     return [sys.executable, "-m", "shadow", *args]

@@ -1,72 +1,25 @@
-"""`shadow run` end to end on a real local Ray (one per module), real training on CPU.
+"""`shadow run`'s controller logic end to end on a real local Ray (one per module), real training on CPU:
+the full FP8 -> BF16 -> FP8 cycle, rollback and adoption, a policy edited mid-run, checkpoint waits.
 
-The healthy and degraded scenarios run the tiny jobs at full model size (the thresholds are tuned
-there); tests of controller logic (the full cycle, rollback and adoption, a policy edited mid-run) use
-the shipped jobs with a smaller model (`FAST`): the same data, schedule and fault. The fault job runs
-once per `on_switch` for every test that reads it.
+These use the shipped jobs with a smaller model (`FAST`): the same data, schedule and fault. The fault
+job runs once per `on_switch` for every test that reads it. The healthy and degraded scenarios at full
+model size are in test_run_scenarios.py.
 """
 
-import json
 import shutil
-import threading
-import time
 
 import pytest
-from conftest import FAST, REPO
+from conftest import FAST, REPO, kinds_of, shadow_run
 
 from shadow.cli import main
+from shadow.controller.callbacks import RunDirWriter
 from shadow.rundir import read_events, read_history
 
-pytestmark = pytest.mark.usefixtures("local_ray")
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("local_ray")]
 
 
 def _run(tmp_path, name, *args):
-    out = tmp_path / name
-    code = main(["run", "--out", str(out), *args])
-    summary = json.loads((out / "summary.json").read_text())
-    return code, out, summary, read_events(out)
-
-
-def _kinds(events, kind):
-    return [e for e in events if e["event"] == kind]
-
-
-@pytest.mark.slow
-def test_healthy_tiny_job_verifies_and_never_switches(tmp_path):
-    # 225 steps still hold the default cadence's three windows ([0, 25), [100, 125), [200, 225))
-    code, out, summary, events = _run(tmp_path, "healthy", "--job", str(REPO / "jobs/tiny.yaml"), "--set", "steps=225")
-    assert code == 0 and summary["phase"] == "finished"
-    assert summary["final_step"] == 225 and summary["steps_fp8"] == 225
-    assert summary["num_verifications"] >= 3
-    assert summary["num_precision_switches"] == 0
-    assert all(v["level"] == "clean" for v in summary["verdicts"]), summary["verdicts"]
-    for key in ("final_loss", "steps_bf16", "verdicts", "verification_cost", "wall_s", "effective_speedup"):
-        assert key in summary
-    assert summary["verification_cost"] == pytest.approx(25 * summary["num_verifications"] / 225)
-    kept, discarded = read_history(out)
-    assert [r.step for r in kept] == list(range(225)) and not discarded
-    assert len(list((out / "replays").glob("*.jsonl"))) == summary["num_verifications"]
-
-
-@pytest.mark.slow
-def test_degraded_job_switches_at_first_failing_verification_and_ends_near_bf16(tmp_path):
-    steps = ["--set", "steps=80"]  # the full 300-step figures are in the issue note
-    job = str(REPO / "jobs/tiny_noscale.yaml")
-    code, out, summary, events = _run(tmp_path, "guarded", "--job", job, *steps)
-    assert code == 0
-    first_verdict = _kinds(events, "verdict")[0]
-    assert first_verdict["level"] == "violation"
-    switch = _kinds(events, "precision_switched")[0]
-    assert switch["old"] == "fp8" and switch["new"] == "bf16"
-    assert switch["reason"].startswith(f"window [{first_verdict['window_start']}, {first_verdict['window_end']})")
-    for precision in ("bf16", "fp8"):
-        assert main(["train", "--job", job, *steps, "--precision", precision, "--out",
-                     str(tmp_path / precision)]) == 0
-    bf16 = json.loads((tmp_path / "bf16" / "summary.json").read_text())
-    fp8 = json.loads((tmp_path / "fp8" / "summary.json").read_text())
-    assert abs(summary["final_loss"] - bf16["final_loss"]) / bf16["final_loss"] < 0.02
-    assert abs(summary["final_eval_loss"] - bf16["final_eval_loss"]) / bf16["final_eval_loss"] < 0.02
-    assert (fp8["final_eval_loss"] - bf16["final_eval_loss"]) / bf16["final_eval_loss"] > 0.10
+    return shadow_run(tmp_path / name, *args)
 
 
 @pytest.fixture(scope="module")
@@ -105,14 +58,14 @@ def test_fault_job_walks_the_full_cycle_in_order(fault_job_runs):
     assert [r.step for r in kept] == list(range(400))
     assert all(r.precision == ("bf16" if bf16_from <= r.step < fp8_from else "fp8") for r in kept)
     # the default policy rolls back to the last clean window: no FP8 step of the fault stays in history
-    assert _kinds(events, "rollback") and bf16_from <= 100
+    assert kinds_of(events, "rollback") and bf16_from <= 100
 
 
 @pytest.mark.parametrize("on_switch", ["rollback", "adopt_replay"])
 def test_rollback_and_adoption_leave_a_complete_history(fault_job_runs, on_switch):
     code, out, summary, events = fault_job_runs(on_switch)
     assert code == 0
-    restart = _kinds(events, "rollback" if on_switch == "rollback" else "replay_adopted")
+    restart = kinds_of(events, "rollback" if on_switch == "rollback" else "replay_adopted")
     assert len(restart) == 1
     first, last = restart[0]["discarded"]
     kept, discarded = read_history(out)
@@ -129,35 +82,30 @@ def test_rollback_and_adoption_leave_a_complete_history(fault_job_runs, on_switc
         assert replay_rows and all(r.precision == "bf16" and r.lineage == 1 for r in replay_rows)
 
 
-def test_policy_edit_during_a_run_takes_effect(tmp_path):
+def test_policy_edit_during_a_run_takes_effect(tmp_path, monkeypatch):
     policy = tmp_path / "policy.yaml"
     shutil.copy(REPO / "policies/default.yaml", policy)
     out = tmp_path / "hot"
-
-    def edit_when(condition, new_text):
-        deadline = time.time() + 120
-        while time.time() < deadline:
-            if (out / "events.jsonl").exists() and condition(read_events(out)):
-                policy.write_text(new_text)
-                return
-            time.sleep(0.05)
-
     original = policy.read_text()
     faster = original.replace("every_n_steps: 100", "every_n_steps: 25")
+    edits = {"checkpoint_committed": "verify: [this is not valid\n", "policy_rejected": faster}
 
-    def editor():
-        edit_when(lambda ev: _kinds(ev, "verdict"), "verify: [this is not valid\n")
-        edit_when(lambda ev: _kinds(ev, "policy_rejected"), faster)
+    # the edits happen as the run writes the events they follow (the first commit, then the
+    # rejection), so each lands before the next decision point (every 10 steps) at any machine speed
+    write_event = RunDirWriter.on_event
 
-    thread = threading.Thread(target=editor)
-    thread.start()
+    def on_event(self, event):
+        write_event(self, event)
+        if event["event"] in edits:
+            policy.write_text(edits.pop(event["event"]))
+
+    monkeypatch.setattr(RunDirWriter, "on_event", on_event)
     code = main(["run", "--job", str(REPO / "jobs/tiny.yaml"), *FAST, "--set", "steps=120",
                  "--policy", str(policy), "--out", str(out)])
-    thread.join()
     assert code == 0
     events = read_events(out)
-    rejected = _kinds(events, "policy_rejected")
-    reloaded = _kinds(events, "policy_reloaded")
+    rejected = kinds_of(events, "policy_rejected")
+    reloaded = kinds_of(events, "policy_reloaded")
     assert len(rejected) == 1 and "valid YAML" in rejected[0]["error"]
     assert len(reloaded) == 1 and reloaded[0]["changes"]["verify.every_n_steps"] == {"old": 100, "new": 25}
     reload_index = events.index(reloaded[0])
@@ -176,7 +124,7 @@ def test_a_checkpoint_interval_shorter_than_a_save_shows_its_wait(tmp_path):
                                       "--set", "batch_size=2", "--set", "checkpoint.every_steps=1",
                                       "--policy-set", "verify.every_n_steps=20", "--policy-set", "verify.window_steps=5")
     assert code == 0
-    waits = [e["wait_s"] for e in _kinds(events, "checkpoint_committed")]
+    waits = [e["wait_s"] for e in kinds_of(events, "checkpoint_committed")]
     assert len(waits) == 41  # the start and one after every step
     waited = summary["checkpoint_waits"]
     assert waited["num_saves"] == 41 and waited["num_waited"] == sum(1 for w in waits if w > 0)

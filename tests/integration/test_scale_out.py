@@ -10,6 +10,8 @@ from conftest import FAST, REPO
 from shadow.cli import main
 from shadow.rundir import read_events, read_history, read_trajectory
 
+pytestmark = pytest.mark.slow
+
 TINY = str(REPO / "jobs/tiny.yaml")
 TWO_RANKS = ["--set", "resources.num_ranks=2"]
 
@@ -73,16 +75,18 @@ def test_fp8_replays_reproduce_a_two_rank_main_job_bit_for_bit(four_cpu_ray, tmp
 
 
 def test_two_rank_main_job_passes_the_healthy_scenario(four_cpu_ray, tmp_path):
-    code, out, summary, events = _run(tmp_path, "healthy", *TWO_RANKS)
-    assert code == 0 and summary["final_step"] == 300
+    # three windows of the default length, one every 50 steps
+    code, out, summary, events = _run(tmp_path, "healthy", *TWO_RANKS, "--set", "steps=125",
+                                      "--policy-set", "verify.every_n_steps=50")
+    assert code == 0 and summary["final_step"] == 125
     assert summary["num_verifications"] >= 3 and summary["num_precision_switches"] == 0
     assert all(v["level"] == "clean" for v in summary["verdicts"])
 
 
 def test_a_replay_without_resources_waits_and_never_blocks_the_main_job(four_cpu_ray, tmp_path):
-    code, out, summary, events = _run(tmp_path, "starved", "--set", "steps=300",
+    code, out, summary, events = _run(tmp_path, "starved", "--set", "steps=100",
                                       "--policy-set", "verify.replay_resources.num_cpus=16")
-    assert code == 0 and summary["final_step"] == 300  # the main job finished on time
+    assert code == 0 and summary["final_step"] == 100  # the main job finished on time
     kinds = [e["event"] for e in events]
     assert "replay_waiting_for_resources" in kinds
     skipped = [e for e in events if e["event"] == "replay_skipped"]

@@ -9,7 +9,7 @@ from conftest import FAST, REPO
 from shadow.cli import main
 from shadow.rundir import read_events, read_trajectory
 
-pytestmark = pytest.mark.usefixtures("local_ray")
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("local_ray")]
 
 
 def test_scale_fault_fires_a_trigger_and_its_replay_switches_to_bf16(tmp_path):
