@@ -40,6 +40,20 @@ def local_ray():
     ray.shutdown()
 
 
+# The longest test files first (a few minutes each on 2 cores): the xdist workers take a file at a
+# time in collection order, so the long ones start early and the workers finish together.
+LONGEST_FILES_FIRST = ("test_run_scenarios.py", "test_mlflow_tracking.py", "test_scale_out.py",
+                       "test_run_stop_and_disk.py", "test_resume.py", "test_benchmarks.py", "test_run_local.py",
+                       "test_process_faults.py", "test_input_faults.py", "test_fp8_training.py")
+
+
+def pytest_collection_modifyitems(items):
+    def rank(item) -> int:
+        name = item.path.name
+        return LONGEST_FILES_FIRST.index(name) if name in LONGEST_FILES_FIRST else len(LONGEST_FILES_FIRST)
+    items.sort(key=rank)  # stable: tests keep their order within a file
+
+
 # `slow` marks every test that trains or starts a `shadow run` (seconds to minutes); `-m "not slow"` is
 # the quick loop. So the marker stays true, the run ends with the unmarked tests that took longer.
 SLOW_S = 10.0

@@ -13,24 +13,25 @@ pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("local_ray")]
 
 
 def test_healthy_tiny_job_verifies_and_never_switches(tmp_path):
-    # the default window (25 steps) every 50 steps instead of 100: three windows in 125 steps
+    # the default window (25 steps) every 50 steps instead of 100: [0, 25) and [50, 75) in 75 steps; the
+    # second starts once the first is done, however slow the machine, since no newer span can take its place
     code, out, summary, events = shadow_run(tmp_path / "healthy", "--job", str(REPO / "jobs/tiny.yaml"),
-                                            "--set", "steps=125", "--policy-set", "verify.every_n_steps=50")
+                                            "--set", "steps=75", "--policy-set", "verify.every_n_steps=50")
     assert code == 0 and summary["phase"] == "finished"
-    assert summary["final_step"] == 125 and summary["steps_fp8"] == 125
-    assert summary["num_verifications"] >= 3
+    assert summary["final_step"] == 75 and summary["steps_fp8"] == 75
+    assert summary["num_verifications"] == 2
     assert summary["num_precision_switches"] == 0
     assert all(v["level"] == "clean" for v in summary["verdicts"]), summary["verdicts"]
     for key in ("final_loss", "steps_bf16", "verdicts", "verification_cost", "wall_s", "effective_speedup"):
         assert key in summary
-    assert summary["verification_cost"] == pytest.approx(25 * summary["num_verifications"] / 125)
+    assert summary["verification_cost"] == pytest.approx(25 * summary["num_verifications"] / 75)
     kept, discarded = read_history(out)
-    assert [r.step for r in kept] == list(range(125)) and not discarded
+    assert [r.step for r in kept] == list(range(75)) and not discarded
     assert len(list((out / "replays").glob("*.jsonl"))) == summary["num_verifications"]
 
 
 def test_degraded_job_switches_at_first_failing_verification_and_ends_near_bf16(tmp_path):
-    steps = ["--set", "steps=80"]  # the full 300-step figures are in the issue note
+    steps = ["--set", "steps=60"]  # unguarded FP8 held-out +45% vs BF16 at 60 steps (300-step figures: docs)
     job = str(REPO / "jobs/tiny_noscale.yaml")
     code, out, summary, events = shadow_run(tmp_path / "guarded", "--job", job, *steps)
     assert code == 0
