@@ -268,9 +268,9 @@ class MlflowTracker(RunCallback):
 
     def _on_precision_switched(self, event: dict, now: int) -> None:
         metrics = [["shadow/switch", keys.PRECISION_CODE[event["new"]], now, event["step"]]]
-        num_switches = event.get("state", {}).get("num_precision_switches")
-        if num_switches is not None:
-            metrics.append(["shadow/num_precision_switches", float(num_switches), now, event["step"]])
+        num_precision_switches = event.get("state", {}).get("num_precision_switches")
+        if num_precision_switches is not None:
+            metrics.append(["shadow/num_precision_switches", float(num_precision_switches), now, event["step"]])
         self._log(MAIN, metrics=metrics, tags={"shadow.precision": event["new"]})
 
     def _on_rollback(self, event: dict, now: int) -> None:

@@ -68,7 +68,7 @@ def test_embedded_sqlite_store_gets_parent_child_and_artifacts(tmp_path, emitted
     tracker.bind(_emit_into(emitted))
     _play_run(tracker, tmp_path)
     tracker.on_finish({"phase": "finished", "final_step": 8, "final_loss": 2.3, "effective_speedup": {"wall": 1.25},
-                       "checkpoint_waits": {"total_s": 0.5, "num_waited": 2}, "policy_state": {"num_switches": 1}})
+                       "checkpoint_waits": {"total_s": 0.5, "num_waited": 2}, "policy_state": {"num_fallbacks": 1}})
     assert not emitted  # nothing went wrong, nothing to report
 
     state = TrackingState.load(tmp_path)
@@ -84,7 +84,7 @@ def test_embedded_sqlite_store_gets_parent_child_and_artifacts(tmp_path, emitted
     # nested summary figures are flattened with "_"; the policy state is not a metric
     assert parent.data.metrics["summary/effective_speedup_wall"] == 1.25
     assert parent.data.metrics["summary/checkpoint_waits_total_s"] == 0.5
-    assert not [k for k in parent.data.metrics if "policy_state" in k or "num_switches" in k]
+    assert not [k for k in parent.data.metrics if "policy_state" in k or "num_fallbacks" in k]
     experiment = client.get_experiment(parent.info.experiment_id)
     assert experiment.artifact_location == (tmp_path / "mlflow-artifacts").as_uri()  # beside the db
     assert {"job.yaml", "events.jsonl", "policy"} <= {a.path for a in client.list_artifacts(parent.info.run_id)}
