@@ -50,7 +50,6 @@ class Controller:
         self.policy_version = 1
         self.watcher = watcher
         self.run_name = run
-        self.store_uri = store_uri
         self.callbacks = callbacks
         self.resume = resume
         self.phase = Phase.STARTING

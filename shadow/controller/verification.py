@@ -64,13 +64,13 @@ class Verification:
             return
         window = policy.verify.window_steps
         start = self.ledger.committed.newest(at_or_before=bad[0])
-        if start is None or start + window <= bad[0] or self.windows.covering(bad[0]) is not None:
+        if (start is None or not start <= bad[0] < start + window or start + window > self.job.steps
+                or self.windows.covering(bad[0]) is not None):
             return
-        if start + window <= self.job.steps:
-            request = ReplayRequest(start, window, policy.verify.replay_precision.value, Purpose.VERIFY)
-            self.events.emit("replay_triggered", step=bad[0], reason=f"non-finite FP8 loss at step {bad[0]}",
-                             **request.to_dict())
-            self._launch(request, policy)
+        request = ReplayRequest(start, window, policy.verify.replay_precision.value, Purpose.VERIFY)
+        self.events.emit("replay_triggered", step=bad[0], reason=f"non-finite FP8 loss at step {bad[0]}",
+                         **request.to_dict())
+        self._launch(request, policy)
 
     def inert_trigger_rules(self, policy: Policy) -> list[str]:
         """Trigger rules this job can never fire (their signal is never produced), each with why."""
