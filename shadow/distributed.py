@@ -1,25 +1,35 @@
 """Data parallelism for one group of ranks (the main job, or a replay): how a step's global batch is
-cut into micro-batches, and the collectives that make N ranks compute what one rank would.
+cut into micro-batches, FSDP2 sharding, and the collectives that make N ranks compute what one would.
 
-Every rank holds a full replica (replicated data parallel, like DDP without bucketing). A step's
-global batch is cut into K = world_size x micro_batches_per_rank equal micro-batches, in order; rank r
-takes micro-batches [r * A, (r + 1) * A). Each micro-batch's loss is scaled by 1/K before backward,
-gradients accumulate locally, then one all-reduce (sum) per step. So a main job of 2 ranks x 1
-micro-batch and a replay of 1 rank x 2 micro-batches add the same two scaled gradients: a two-operand
-sum is exact whichever way round, so their losses agree bit for bit. With more than two operands per
-reduction the order of additions (gloo's ring vs local accumulation) may differ at the level of fp32
-rounding; see docs/scale-out.md.
+With more than one rank the model is sharded with FSDP2 (`fully_shard` per transformer block and the
+root, over a 1-D DeviceMesh: gloo on CPU, NCCL on GPU): each rank keeps 1/N of the parameters,
+gradients and optimizer state and all-gathers a block's weights only while it computes. A step's global
+batch is cut into K = world_size x micro_batches_per_rank equal micro-batches, in order; rank r takes
+micro-batches [r * A, (r + 1) * A). Each micro-batch's loss is scaled by 1/K before backward; a rank
+accumulates its A micro-batches locally (no gradient sync until its last one), then one reduce-scatter
+*sums* the ranks' gradients into their shards (FSDP2's averaging is turned off: the 1/K is already in
+the loss). So a main job of 2 ranks x 1 micro-batch and a replay of 1 rank x 2 micro-batches add the
+same two scaled gradients, and a two-operand sum is exact whichever way round: their losses agree bit
+for bit. With more than two operands per reduction the order of additions may differ at the level of
+fp32 rounding (`exact_across_world_sizes`); see docs/scale-out.md.
 
-Checkpoints are world-size independent: rank 0 writes its (complete) replica; any layout restores it.
+Gradient clipping needs the global gradient norm, which torch computes per shard and then combines, so
+its rounding would depend on the world size. `clip_grad_norm` computes it independently of sharding:
+float64 sums of squares per row, placed at their global rows and summed exactly (`math.fsum`).
 """
 
 from __future__ import annotations
 
+import math
 import socket
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+from torch import nn
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
+from torch.distributed.tensor import DTensor, Shard
 
 
 @dataclass(frozen=True)
@@ -65,24 +75,59 @@ def free_address() -> str:
         return f"{host}:{s.getsockname()[1]}"
 
 
-def init_group(layout: RankLayout, device: torch.device) -> None:
-    if layout.world_size == 1 or dist.is_initialized():
-        return
-    backend = "nccl" if device.type == "cuda" else "gloo"
-    dist.init_process_group(backend, init_method=f"tcp://{layout.master_addr}", rank=layout.rank,
-                            world_size=layout.world_size)
+def exact_across_world_sizes(num_micro_batches: int, world_size: int, other_world_size: int) -> bool:
+    """Whether two groups computing the same K micro-batches add their gradients in the same order: the
+    same world size, or sums of at most two operands (which are exact in any order)."""
+    return world_size == other_world_size or num_micro_batches <= 2
 
 
-def sum_across_ranks(tensors: list[torch.Tensor]) -> None:
-    """In-place sum over ranks of a list of tensors, as one flat all-reduce."""
-    if not dist.is_initialized() or not tensors:
+_checkpoint_groups: dict[tuple[int, int], object] = {}
+
+
+def init_group(layout: RankLayout, device: torch.device):
+    """Join the rank group; returns the process group checkpoints are saved over (None for one rank).
+
+    Saves run on a background thread while training goes on, so their collectives get a gloo group of
+    their own: two threads must never interleave collectives on one group.
+    """
+    if layout.world_size == 1:
+        return None
+    if not dist.is_initialized():
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        dist.init_process_group(backend, init_method=f"tcp://{layout.master_addr}", rank=layout.rank,
+                                world_size=layout.world_size)
+    key = (layout.rank, layout.world_size)
+    if key not in _checkpoint_groups:  # one per process: every rank creates it in the same order
+        _checkpoint_groups[key] = dist.new_group(backend="gloo")
+    return _checkpoint_groups[key]
+
+
+def shard_model(model: nn.Module, blocks: list[nn.Module], layout: RankLayout, device: torch.device,
+                forward_methods: tuple[str, ...] = ()) -> None:
+    """FSDP2 over all ranks, per block and the root; gradients are summed, not averaged (see above).
+    `forward_methods`: methods other than `forward` that run the model (they must unshard it too)."""
+    if layout.world_size == 1:
         return
-    flat = torch.cat([t.reshape(-1) for t in tensors])
-    dist.all_reduce(flat, op=dist.ReduceOp.SUM)
-    offset = 0
-    for t in tensors:
-        t.copy_(flat[offset : offset + t.numel()].view_as(t))
-        offset += t.numel()
+    mesh = init_device_mesh(device.type, (layout.world_size,))
+    for block in blocks:
+        fully_shard(block, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    for module in [*blocks, model]:
+        module.set_gradient_divide_factor(1.0)
+        module.set_force_sum_reduction_for_comms(True)
+    for name in forward_methods:
+        register_fsdp_forward_method(model, name)
+
+
+def is_sharded(model: nn.Module) -> bool:
+    return any(isinstance(p, DTensor) for p in model.parameters())
+
+
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """In-place sum over ranks (the step's loss)."""
+    if dist.is_initialized():
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor
 
 
 def max_across_ranks(tensor: torch.Tensor) -> torch.Tensor:
@@ -90,3 +135,48 @@ def max_across_ranks(tensor: torch.Tensor) -> torch.Tensor:
     if dist.is_initialized():
         dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
     return tensor
+
+
+def clip_grad_norm(params: list[torch.Tensor], max_norm: float) -> float:
+    """Scale gradients so their global L2 norm is at most `max_norm`; returns the norm before clipping.
+
+    The norm is the same number at any world size: every row's sum of squares is computed in float64
+    over that row alone (squares of float32 values are exact there), placed at the row's global index,
+    exchanged by a sum in which every entry has one non-zero contributor (exact), and all rows are added
+    with `math.fsum` (correctly rounded, so the order does not matter).
+    """
+    sizes = [p.shape[0] if p.dim() else 1 for p in params]
+    row_sums = torch.zeros(sum(sizes), dtype=torch.float64)
+    sharded = False
+    start = 0
+    for param, size in zip(params, sizes):
+        grad = param.grad
+        if grad is not None:
+            local, first_row = _local_rows(grad)
+            sharded = sharded or isinstance(grad, DTensor)
+            if local.numel():
+                squares = local.detach().double().square().cpu()
+                per_row = squares.reshape(local.shape[0], -1).sum(dim=1) if local.dim() else squares.reshape(1)
+                row_sums[start + first_row : start + first_row + per_row.numel()] = per_row
+        start += size
+    if sharded and dist.is_initialized():
+        dist.all_reduce(row_sums, op=dist.ReduceOp.SUM)
+    total = math.fsum(row_sums.tolist())
+    norm = math.sqrt(total) if math.isfinite(total) else total
+    coefficient = max_norm / (norm + 1e-6)
+    if math.isfinite(norm) and coefficient < 1.0:
+        for param in params:
+            if param.grad is not None:
+                param.grad.mul_(coefficient)
+    return norm
+
+
+def _local_rows(tensor: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """This rank's part of a (possibly dim-0 sharded) tensor and the global index of its first row."""
+    if not isinstance(tensor, DTensor):
+        return tensor, 0
+    if tensor.placements != (Shard(0),):
+        raise ValueError(f"expected a tensor sharded on dim 0 (FSDP2), got placements {tensor.placements}")
+    local = tensor.to_local()
+    chunk = -(-tensor.shape[0] // tensor.device_mesh.size())  # FSDP2: torch.chunk sizes, the last may be short
+    return local, min(chunk * tensor.device_mesh.get_local_rank(), tensor.shape[0])

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from shadow.config.job import Scaling
-from shadow.distributed import max_across_ranks, sum_across_ranks
+from shadow.distributed import all_reduce_sum, max_across_ranks
 from shadow.precision.base import PrecisionBackend
 from shadow.precision.emulated import ROLE_NAMES, EmulatedBackend, EmulatedFp8Linear
 from shadow.precision.formats import FPFormat
@@ -101,7 +101,7 @@ class TelemetryCollector:
     def _reduced(self) -> tuple[dict[str, float], dict[str, float]]:
         """Maxima and sums over every micro-batch of every rank, as floats (one collective each)."""
         result = []
-        for table, reduce in ((self._maxes, max_across_ranks), (self._sums, lambda t: sum_across_ranks([t]))):
+        for table, reduce in ((self._maxes, max_across_ranks), (self._sums, all_reduce_sum)):
             keys = sorted(table)  # the same order on every rank
             stacked = torch.stack([table[k] for k in keys]) if keys else torch.zeros(0, dtype=torch.float64)
             reduce(stacked)

@@ -8,6 +8,11 @@ Everything that influences the next step is in the snapshot: weights, FP8 scalin
 state), AdamW moments and step counts, the step (which fixes the LR schedule and the batch), and RNG
 states. The LR schedule is a pure function of the step, so it has no state of its own.
 
+With several ranks the model, gradients and optimizer state are sharded with FSDP2
+(`shadow/distributed.py`); a snapshot holds this rank's shards (DTensors) and replicated tensors, and
+`load_checkpoint` reads any checkpoint into them through torch.distributed.checkpoint, whatever the
+world size that wrote it.
+
 Randomness (dropout masks) comes from the trainer's own generator, seeded with the job's seed and
 checkpointed as `rng.trainer`: every step draws one seed from it on every rank (so ranks stay in
 step), and micro-batch k of the global batch draws its masks from a generator seeded with that seed
@@ -31,10 +36,19 @@ import torch
 from shadow.config.job import JobConfig, OptimConfig, PrecisionMode
 from shadow.config.loader import to_dict
 from shadow.data import StepData
-from shadow.distributed import RankLayout, init_group, max_across_ranks, sum_across_ranks
+from shadow.checkpoint.stored import StoredCheckpoint
+from shadow.distributed import (
+    RankLayout,
+    all_reduce_sum,
+    clip_grad_norm,
+    init_group,
+    is_sharded,
+    max_across_ranks,
+    shard_model,
+)
 from shadow.layout import PICKLED_EXTRA_STATE, layout_of
 from shadow.model import Transformer
-from shadow.optim import build_optimizer
+from shadow.optim import build_optimizer, state_layout
 from shadow.precision import build_backend
 from shadow.records import StepRecord
 from shadow.snapshot import Snapshot
@@ -82,10 +96,11 @@ class Trainer:
         self.layout = layout or RankLayout(micro_batches_per_rank=job.resources.grad_accum * job.resources.num_ranks)
         torch.set_num_threads(job.resources.cpus_per_rank)
         self.device = resolve_device(job.resources.device)
-        init_group(self.layout, self.device)
+        self.checkpoint_group = init_group(self.layout, self.device)  # saves and loads run over it
         self.backend = build_backend(job.precision, self.device)
         self.model = Transformer(job.model, self.backend).to(self.device)
-        self.model.init_weights(job.seed)
+        self.model.init_weights(job.seed)  # the full weights on every rank, then each keeps its shards
+        shard_model(self.model, list(self.model.blocks), self.layout, self.device, forward_methods=("loss",))
         if job.resources.compile:  # `loss` calls `forward` directly, so compile that (state_dict keys unchanged)
             self.model.forward = torch.compile(self.model.forward)
         self.data = StepData(job.data, job.model.seq_len, job.batch_size, job.model.vocab_size)
@@ -121,9 +136,12 @@ class Trainer:
         record_telemetry = every > 0 and step % every == 0
         step_seed = int(torch.randint(0, 2**62, (), generator=self.rng))
         dropout = self.job.model.dropout > 0
+        sharded = is_sharded(self.model)
         with self.telemetry.recording() if record_telemetry else contextlib.nullcontext():
             micro_batches = self.layout.my_micro_batches(inputs, targets)
             for index, (micro_inputs, micro_targets) in enumerate(micro_batches, self.layout.first_micro_batch):
+                if sharded:  # accumulate locally; reduce-scatter once, after this rank's last micro-batch
+                    self.model.set_requires_gradient_sync(index == self.layout.first_micro_batch + len(micro_batches) - 1)
                 generator = torch.Generator(self.device).manual_seed(step_seed + index) if dropout else None
                 with self.backend.autocast():
                     loss = self.model.loss(micro_inputs.to(self.device), micro_targets.to(self.device), generator)
@@ -131,9 +149,9 @@ class Trainer:
                     loss = loss * float("nan")
                 (loss / num_micro_batches).backward()
                 loss_sum += loss.detach().float() / num_micro_batches
-        sum_across_ranks([p.grad for p in self.model.parameters() if p.grad is not None] + [loss_sum])
+        all_reduce_sum(loss_sum)
         clip = self.job.optim.grad_clip if self.job.optim.grad_clip > 0 else float("inf")
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip))
+        grad_norm = clip_grad_norm(list(self.model.parameters()), clip)
         telemetry = {}
         if math.isfinite(grad_norm):
             self.optimizer.step()
@@ -163,22 +181,23 @@ class Trainer:
                 losses.append(float(self.model.loss(inputs.to(self.device), targets.to(self.device))))
         return sum(losses) / len(losses)
 
-    def snapshot(self) -> Snapshot:
-        """A CPU copy of the full state; the caller may persist it while training goes on."""
-        tensors = {
-            f"model.{k}": v.detach().to("cpu", copy=True)
-            for k, v in self.model.state_dict().items()
-            if not k.endswith(PICKLED_EXTRA_STATE)
-        }
+    def checkpoint_state(self) -> dict[str, torch.Tensor]:
+        """Every tensor a checkpoint holds, by full name, as this rank holds it (shards are DTensors)."""
+        tensors = {f"model.{k}": v for k, v in self.model.state_dict().items() if not k.endswith(PICKLED_EXTRA_STATE)}
         tensors.update({f"precision.{k}": v for k, v in self.backend.extra_state(self.model).items()})
         for param, state in self.optimizer.state.items():
             name = self._param_names[id(param)]
-            for key, value in state.items():
-                tensors[f"optim.{name}.{key}"] = value.detach().to("cpu", copy=True)
+            tensors.update({f"optim.{name}.{key}": value for key, value in state.items()})
         tensors["rng.trainer"] = self.rng.get_state()
         tensors["rng.torch_cpu"] = torch.get_rng_state()
         if self.device.type == "cuda":
             tensors["rng.torch_cuda"] = torch.cuda.get_rng_state(self.device)
+        return tensors
+
+    def snapshot(self) -> Snapshot:
+        """A CPU copy of this rank's state (its shards and the replicated tensors): the staging copy a
+        save is written from while training goes on."""
+        tensors = {name: _staged(value) for name, value in self.checkpoint_state().items()}
         groups = [{k: v for k, v in g.items() if k != "params"} for g in self.optimizer.state_dict()["param_groups"]]
         meta = {
             "step": self.step,
@@ -189,44 +208,78 @@ class Trainer:
         }
         return Snapshot(step=self.step, tensors=tensors, meta=meta)
 
+    def load_checkpoint(self, checkpoint: StoredCheckpoint) -> None:
+        """Continue from a committed checkpoint written at any world size (every rank calls this together);
+        the precision mode comes with it."""
+        self._check_job(checkpoint.step, checkpoint.meta)
+        targets = self._targets({name: (t.shape, t.dtype) for name, t in checkpoint.index.items()})
+        checkpoint.read_into(targets, self.checkpoint_group)
+        self._adopt(checkpoint.step, checkpoint.meta, targets)
+
     def restore(self, snapshot: Snapshot) -> None:
-        """Load a snapshot taken by a trainer of the same job; the precision mode comes with it."""
-        if snapshot.meta.get("job_hash") != self.job_hash:
+        """Load an in-memory snapshot of full tensors (one rank: calibration and tests)."""
+        assert not is_sharded(self.model), "a sharded trainer loads checkpoints with load_checkpoint"
+        self._check_job(snapshot.step, snapshot.meta)
+        missing = sorted(set(self.checkpoint_state()) - set(snapshot.tensors) - {"rng.torch_cuda"})
+        if missing and not all(name.startswith("optim.") for name in missing):
+            raise ValueError(f"checkpoint at step {snapshot.step} does not fit this model: missing {missing[:5]}")
+        targets = self._targets({name: (tuple(t.shape), t.dtype) for name, t in snapshot.tensors.items()})
+        for name, target in targets.items():
+            target.copy_(snapshot.tensors[name])
+        self._adopt(snapshot.step, snapshot.meta, targets)
+
+    def _check_job(self, step: int, meta: dict) -> None:
+        if meta.get("job_hash") != self.job_hash:
             raise ValueError(
-                f"checkpoint at step {snapshot.step} belongs to job hash {snapshot.meta.get('job_hash')!r}, "
+                f"checkpoint at step {step} belongs to job hash {meta.get('job_hash')!r}, "
                 f"this job is {self.job_hash!r}: a replay must use the main job's config"
             )
-        missing, unexpected = self.model.load_state_dict(snapshot.group("model"), strict=False)
-        missing = [k for k in missing if not k.endswith(PICKLED_EXTRA_STATE)]
-        if missing or unexpected:
-            raise ValueError(f"checkpoint at step {snapshot.step} does not fit this model: "
-                             f"missing {missing[:5]}, unexpected {unexpected[:5]}")
-        self.backend.load_extra_state(self.model, snapshot.group("precision"))
-        optim_tensors = snapshot.group("optim")
-        param_index = {name: i for i, name in enumerate(self._ordered_param_names())}
-        state: dict[int, dict[str, torch.Tensor]] = {}
-        for key, value in optim_tensors.items():
-            name, _, field = key.rpartition(".")
-            if name not in param_index:
-                raise ValueError(f"checkpoint at step {snapshot.step} has optimizer state for unknown parameter {name!r}")
-            # clone: the optimizer updates its state in place and must not write into the snapshot
-            state.setdefault(param_index[name], {})[field] = value.clone()
-        groups = []
-        start = 0
-        for saved, group in zip(snapshot.meta["param_groups"], self.optimizer.param_groups):
-            groups.append({**saved, "params": list(range(start, start + len(group["params"])))})
-            start += len(group["params"])
-        self.optimizer.load_state_dict({"state": state, "param_groups": groups})
-        if "rng.trainer" not in snapshot.tensors:
-            raise ValueError(f"checkpoint at step {snapshot.step} has no 'rng.trainer' (the dropout random stream): "
-                             "it cannot be replayed exactly")
-        self.rng.set_state(snapshot.tensors["rng.trainer"])
-        torch.set_rng_state(snapshot.tensors["rng.torch_cpu"])
-        if self.device.type == "cuda" and "rng.torch_cuda" in snapshot.tensors:
-            torch.cuda.set_rng_state(snapshot.tensors["rng.torch_cuda"], self.device)
-        self.set_precision(snapshot.meta["precision"])
-        self.step = snapshot.step
 
-    def _ordered_param_names(self) -> list[str]:
-        """Parameter names in the optimizer's own order (what its state_dict indices refer to)."""
-        return [self._param_names[id(p)] for group in self.optimizer.param_groups for p in group["params"]]
+    def _targets(self, stored: dict[str, tuple[tuple[int, ...], torch.dtype]]) -> dict[str, torch.Tensor]:
+        """A tensor to load into for each tensor a checkpoint holds (name -> global shape, dtype): the
+        model's own tensors (in place), fresh optimizer state for the parameters it has state for, and
+        copies of the RNG and backend scaling state (applied by `_adopt`)."""
+        names = set(stored)
+        if "rng.trainer" not in names:
+            raise ValueError("checkpoint has no 'rng.trainer' (the dropout random stream): it cannot be replayed exactly")
+        params = {name: p for name, p in self.model.named_parameters()}
+        self.optimizer.state.clear()
+        for name, param in params.items():
+            fields = state_layout(self.optimizer, param)
+            if f"optim.{name}.step" in names:
+                self.optimizer.state[param] = {
+                    key: torch.zeros_like(param, dtype=spec.dtype) if spec.shape == tuple(param.shape)
+                    else torch.zeros(spec.shape, dtype=spec.dtype)
+                    for key, spec in fields.items()
+                }
+        targets = {name: t for name, t in self.checkpoint_state().items() if name in names}
+        for name in names - set(targets):  # TE creates its scaling state at the first FP8 step
+            if name.startswith("precision."):
+                shape, dtype = stored[name]
+                targets[name] = torch.empty(shape, dtype=dtype)
+        return targets
+
+    def _adopt(self, step: int, meta: dict, targets: dict[str, torch.Tensor]) -> None:
+        """What loading leaves to do: RNG states, backend scaling state, hyperparameters, step, precision."""
+        self.backend.load_extra_state(self.model, {k[len("precision."):]: v for k, v in targets.items()
+                                                   if k.startswith("precision.")})
+        for saved, group in zip(meta["param_groups"], self.optimizer.param_groups):
+            group.update(saved)
+        self.rng.set_state(targets["rng.trainer"])
+        torch.set_rng_state(targets["rng.torch_cpu"])
+        if self.device.type == "cuda" and "rng.torch_cuda" in targets:
+            torch.cuda.set_rng_state(targets["rng.torch_cuda"], self.device)
+        self.set_precision(meta["precision"])
+        self.step = step
+
+
+
+def _staged(tensor: torch.Tensor) -> torch.Tensor:
+    """A CPU copy of a tensor; of a DTensor, a DTensor whose local shard is a CPU copy."""
+    from torch.distributed.tensor import DTensor
+
+    if isinstance(tensor, DTensor):
+        local = tensor.to_local().detach().to("cpu", copy=True)
+        return DTensor.from_local(local, tensor.device_mesh, tensor.placements, run_check=False,
+                                  shape=tensor.shape, stride=tensor.stride())
+    return tensor.detach().to("cpu", copy=True)

@@ -10,6 +10,7 @@ damaged checkpoint, refused with its path, not something to open.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import shutil
@@ -51,7 +52,56 @@ class LocalStore(CheckpointStore):
         except OSError as exc:
             raise StorageError(f"{target}: cannot write ({exc.strerror})") from None
 
+    @contextlib.contextmanager
+    def _open_writer(self, path: str):
+        target = self._path(path)
+        tmp = target.with_name(f".{target.name}.tmp")
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            out = open(tmp, "wb")
+        except OSError as exc:
+            raise StorageError(f"{target}: cannot write ({exc.strerror})") from None
+        try:
+            with out:
+                yield out
+                out.flush()
+                os.fsync(out.fileno())
+            os.replace(tmp, target)
+            _fsync_dir(target.parent)
+        except BaseException as exc:
+            tmp.unlink(missing_ok=True)
+            if isinstance(exc, OSError):
+                raise StorageError(f"{target}: cannot write ({exc.strerror})") from None
+            raise
+
     def _get(self, path: str) -> bytes:
+        with self._open_regular_file(path) as f:
+            try:
+                return f.read()
+            except OSError as exc:
+                raise StorageError(f"{self._path(path)}: cannot read ({exc.strerror})") from None
+
+    def _read_range(self, path: str, offset: int, length: int) -> bytes:
+        with self._open_regular_file(path) as f:
+            try:
+                parts, done = [], 0
+                while done < length:
+                    part = os.pread(f.fileno(), length - done, offset + done)
+                    if not part:
+                        break
+                    parts.append(part)
+                    done += len(part)
+                return b"".join(parts) if len(parts) != 1 else parts[0]
+            except OSError as exc:
+                raise StorageError(f"{self._path(path)}: cannot read ({exc.strerror})") from None
+
+    def _size(self, path: str) -> int:
+        with self._open_regular_file(path) as f:
+            return os.fstat(f.fileno()).st_size
+
+    @contextlib.contextmanager
+    def _open_regular_file(self, path: str):
+        """The file at `path`, opened without following links, and refused unless it is a regular file."""
         target = self._path(path)
         try:
             fd = _open_regular(Path(self.run_uri), path)
@@ -69,10 +119,7 @@ class LocalStore(CheckpointStore):
             if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
                 raise CheckpointError(f"{target}: not a regular file (a FIFO, device or directory); a checkpoint "
                                       "holds regular files only")
-            try:
-                return f.read()
-            except OSError as exc:
-                raise StorageError(f"{target}: cannot read ({exc.strerror})") from None
+            yield f
 
     def _list(self, directory: str) -> tuple[list[str], list[str]]:
         try:

@@ -1,7 +1,9 @@
 """Persist checkpoints off the training loop: it blocks only for the in-memory snapshot.
 
-`AsyncPersister.submit(snapshot)` hands a CPU snapshot (`Trainer.snapshot()`) to one background thread
-that encodes, hashes, writes or uploads it, commits the manifest and then applies retention. Results
+`AsyncPersister.submit(snapshot)` hands a staged CPU snapshot (`Trainer.snapshot()`: this rank's shards)
+to one background thread that writes or uploads them, hashing as it goes; with several ranks every rank
+has a persister, their threads run the collective save together over a process group of their own
+(never the training one), and the coordinator commits the manifest. The leader then applies retention. Results
 come back as events (`CommitInfo`, `CheckpointFailed`, `CheckpointDeleted`) from `poll()`; a failure is
 an event, never an exception in the training loop. `wait()` and `close()` drain.
 
@@ -31,13 +33,16 @@ from shadow.checkpoint.store import CheckpointStore
 from shadow.snapshot import Snapshot
 
 
-def persist(store: CheckpointStore, snapshot: Snapshot, wait_s: float = 0.0) -> list[CheckpointEvent]:
-    """Save, then apply retention; every outcome becomes an event. `wait_s`: how long the loop waited
-    for the previous save before handing over this snapshot (reported with the commit)."""
+def persist(store: CheckpointStore, snapshot: Snapshot, wait_s: float = 0.0, process_group=None,
+            leader: bool = True) -> list[CheckpointEvent]:
+    """Save, then (on the leader) apply retention; every outcome becomes an event. `wait_s`: how long the
+    loop waited for the previous save before handing over this snapshot (reported with the commit)."""
     try:
-        events: list[CheckpointEvent] = [replace(store.save(snapshot), wait_s=wait_s)]
+        events: list[CheckpointEvent] = [replace(store.save(snapshot, process_group), wait_s=wait_s)]
     except Exception as exc:  # reported as an event: the training loop must go on
         return [CheckpointFailed(snapshot.step, store.step_uri(snapshot.step), _describe(exc))]
+    if not leader:
+        return events
     try:
         events += store.prune()
     except Exception as exc:
@@ -53,14 +58,16 @@ def _describe(exc: Exception) -> str:
 class SyncPersister:
     """Persist inside `submit`, on the caller's thread."""
 
-    def __init__(self, store: CheckpointStore):
+    def __init__(self, store: CheckpointStore, process_group=None, leader: bool = True):
         self.store = store
+        self.process_group = process_group  # the ranks that save together (None: this process alone)
+        self.leader = leader  # applies retention
         self._events: list[CheckpointEvent] = []
         self._events_lock = threading.Lock()
 
     def submit(self, snapshot: Snapshot) -> float:
         """Persist `snapshot`; returns the seconds spent waiting for an earlier save (always 0 here)."""
-        self._report(persist(self.store, snapshot))
+        self._report(persist(self.store, snapshot, 0.0, self.process_group, self.leader))
         return 0.0
 
     def poll(self) -> list[CheckpointEvent]:
@@ -91,8 +98,8 @@ class SyncPersister:
 class AsyncPersister(SyncPersister):
     """Persist on one background thread; at most one snapshot in flight (see the module docstring)."""
 
-    def __init__(self, store: CheckpointStore):
-        super().__init__(store)
+    def __init__(self, store: CheckpointStore, process_group=None, leader: bool = True):
+        super().__init__(store, process_group, leader)
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint-persist")
         self._in_flight: Future | None = None
 
@@ -110,7 +117,8 @@ class AsyncPersister(SyncPersister):
         busy = self.in_flight
         self.wait()
         waited_s = time.perf_counter() - started if busy else 0.0
-        self._in_flight = self._executor.submit(lambda: self._report(persist(self.store, snapshot, waited_s)))
+        self._in_flight = self._executor.submit(lambda: self._report(
+            persist(self.store, snapshot, waited_s, self.process_group, self.leader)))
         return waited_s
 
     def wait(self) -> None:

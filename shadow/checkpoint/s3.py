@@ -12,6 +12,7 @@ the file; any credential that might appear in a server's message is masked.
 
 from __future__ import annotations
 
+import contextlib
 import io
 from dataclasses import dataclass
 from urllib.parse import urlsplit
@@ -83,6 +84,26 @@ class S3Store(CheckpointStore):
         self._call(f"{self.run_uri}/{path}", "uploading", lambda: self._client.upload_fileobj(
             io.BytesIO(data), self.bucket, self._key_prefix + path, Config=self._transfer))
 
+    @contextlib.contextmanager
+    def _open_writer(self, path: str):
+        upload = _StreamingUpload(self, path)
+        try:
+            yield upload
+            upload.complete()
+        except BaseException:
+            upload.abort()
+            raise
+
+    def _read_range(self, path: str, offset: int, length: int) -> bytes:
+        if length <= 0:
+            return b""
+        return self._call(f"{self.run_uri}/{path}", "downloading", lambda: self._client.get_object(
+            Bucket=self.bucket, Key=self._key_prefix + path, Range=f"bytes={offset}-{offset + length - 1}")["Body"].read())
+
+    def _size(self, path: str) -> int:
+        return self._call(f"{self.run_uri}/{path}", "checking", lambda: self._client.head_object(
+            Bucket=self.bucket, Key=self._key_prefix + path)["ContentLength"])
+
     def _get(self, path: str) -> bytes:
         return self._call(f"{self.run_uri}/{path}", "downloading", lambda: self._client.get_object(
             Bucket=self.bucket, Key=self._key_prefix + path)["Body"].read())
@@ -152,6 +173,57 @@ class S3Store(CheckpointStore):
         for secret in self._secrets:
             text = text.replace(secret, "***")
         return text
+
+
+class _StreamingUpload:
+    """A file written in pieces: held in memory up to the multipart threshold and sent with one PUT if it
+    ends there, else sent as a multipart upload in parts of `multipart_chunk_bytes` as it is written,
+    so a rank's memory holds at most one threshold's worth of its shard. The object appears only when
+    the upload completes; an aborted one leaves nothing behind."""
+
+    def __init__(self, store: S3Store, path: str):
+        self.store, self.path = store, path
+        self.key = store._key_prefix + path
+        self.where = f"{store.run_uri}/{path}"
+        self.buffer = bytearray()
+        self.upload_id: str | None = None
+        self.parts: list[dict] = []
+
+    def write(self, data) -> None:
+        self.buffer += data
+        options = self.store.options
+        if self.upload_id is None and len(self.buffer) > options.multipart_threshold_bytes:
+            self.upload_id = self.store._call(self.where, "starting a multipart upload", lambda: self.store._client
+                                              .create_multipart_upload(Bucket=self.store.bucket, Key=self.key))["UploadId"]
+        while self.upload_id is not None and len(self.buffer) >= options.multipart_chunk_bytes:
+            self._send_part(options.multipart_chunk_bytes)
+
+    def _send_part(self, size: int) -> None:
+        body, self.buffer = bytes(self.buffer[:size]), self.buffer[size:]
+        number = len(self.parts) + 1
+        response = self.store._call(self.where, f"uploading part {number}", lambda: self.store._client.upload_part(
+            Bucket=self.store.bucket, Key=self.key, UploadId=self.upload_id, PartNumber=number, Body=body))
+        self.parts.append({"PartNumber": number, "ETag": response["ETag"]})
+
+    def complete(self) -> None:
+        if self.upload_id is None:
+            body = bytes(self.buffer)
+            self.store._call(self.where, "uploading", lambda: self.store._client.put_object(
+                Bucket=self.store.bucket, Key=self.key, Body=body))
+            return
+        if self.buffer or not self.parts:
+            self._send_part(len(self.buffer))
+        self.store._call(self.where, "completing a multipart upload", lambda: self.store._client
+                         .complete_multipart_upload(Bucket=self.store.bucket, Key=self.key, UploadId=self.upload_id,
+                                                    MultipartUpload={"Parts": self.parts}))
+
+    def abort(self) -> None:
+        if self.upload_id is not None:
+            try:
+                self.store._client.abort_multipart_upload(Bucket=self.store.bucket, Key=self.key,
+                                                          UploadId=self.upload_id)
+            except (BotoCoreError, ClientError):
+                pass  # the upload stays invisible either way; a bucket lifecycle rule reaps stale parts
 
 
 def _plain_key(key: str) -> bool:

@@ -1,28 +1,42 @@
 """The checkpoint store: one commit protocol over any storage (a directory, an S3 prefix).
 
-Layout: `<root>/<run>/step-<NNNNNNNNN>/<file>` and `<root>/<run>/pins/<pin>`.
-- `save` writes every file of the checkpoint, then `MANIFEST.json` (sizes and sha256 of all of them).
-  The manifest is the commit: a step directory without one is an interrupted save, invisible to readers.
-- `load` reads the manifest and every listed file, checks size and sha256, then decodes safetensors and
-  JSON only. Files the manifest does not list are never opened. Given the job's layout, it also checks
-  the content against the job before returning it (`validate.py`).
-- `latest_committed` is the newest checkpoint that verifies; damaged or foreign ones are skipped (and
-  logged once), storage errors are raised. Verification results are cached per (step, manifest bytes).
+Layout: `<root>/<run>/step-<NNNNNNNNN>/<file>` and `<root>/<run>/pins/<pin>`; the files of a step are
+described in `format.py`.
+- `save` is collective: every rank of the group calls it with its staged snapshot (plain tensors, or
+  DTensors holding its shards); torch.distributed.checkpoint plans who writes what, each rank streams
+  its chunks to its own data file, and the coordinator writes `tensors.json`, `meta.json` and last
+  `MANIFEST.json` (sizes and sha256 of all of them). The manifest is the commit: a step directory
+  without one is an interrupted save, invisible to readers.
+- `open` reads the manifest and the small files (checked by size and sha256), the data files' sizes,
+  and with the job's layout checks names, shapes and dtypes before any tensor byte is read; the
+  returned `StoredCheckpoint` reads chunks, each checked against its own sha256. Files the manifest
+  does not list are never opened.
+- `latest_committed` is the newest checkpoint that verifies (every file's size and sha256, streamed);
+  damaged or foreign ones are skipped (and logged once), storage errors are raised. Verification
+  results are cached per (step, manifest bytes).
 - Retention deletes all but the newest `keep_last` committed checkpoints, except pinned ones and the
   latest; deletion removes the manifest first, so a half-deleted checkpoint is never readable.
 
-Subclasses implement six primitives on paths relative to the run directory; they raise
+Subclasses implement the storage primitives on paths relative to the run directory; they raise
 FileNotFoundError for an absent file and StorageError for storage that cannot be used.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import threading
 import time
+import warnings
 from abc import ABC, abstractmethod
 
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint import DefaultSavePlanner
+from torch.distributed.checkpoint.api import CheckpointException
+
+from shadow.checkpoint.dcp_storage import ShardWriter
 from shadow.checkpoint.errors import CheckpointError, StorageError
 from shadow.checkpoint.events import CheckpointDeleted, CommitInfo
 from shadow.checkpoint.format import (
@@ -30,17 +44,22 @@ from shadow.checkpoint.format import (
     MAX_JSON_BYTES,
     build_manifest,
     check_identity,
-    decode,
-    encode,
     parse_manifest,
     parse_step_dirname,
     step_dirname,
     verify_file,
 )
 from shadow.checkpoint.retention import PINS_DIR, parse_pin_name, pin_name, select_for_deletion
+from shadow.checkpoint.stored import StoredCheckpoint, first_checkpoint_error
 from shadow.checkpoint.strict_json import parse_object
-from shadow.checkpoint.validate import META, check_meta
+from shadow.checkpoint.tensor_index import INDEX, parse_index
+from shadow.checkpoint.validate import META, check_layout, check_meta
 from shadow.snapshot import Snapshot, SnapshotLayout
+
+_HASH_BLOCK_BYTES = 16 * 2**20  # data files are hashed in blocks of this size, never read whole
+# DCP warns on every save and load of a single process (no process group) that it assumes one process:
+# that is what a one-rank trainer, a tool or a test means.
+warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +93,18 @@ class CheckpointStore(ABC):
     def _get(self, path: str) -> bytes: ...
 
     @abstractmethod
+    def _open_writer(self, path: str) -> contextlib.AbstractContextManager:
+        """A file written in pieces (`.write(bytes)`), complete for readers only when the context exits
+        cleanly; on an exception nothing of it is visible."""
+
+    @abstractmethod
+    def _read_range(self, path: str, offset: int, length: int) -> bytes:
+        """`length` bytes from `offset` (fewer only if the file is shorter)."""
+
+    @abstractmethod
+    def _size(self, path: str) -> int: ...
+
+    @abstractmethod
     def _list(self, directory: str) -> tuple[list[str], list[str]]:
         """(subdirectory names, file names) directly under `directory` ("" is the run directory)."""
 
@@ -89,43 +120,80 @@ class CheckpointStore(ABC):
     def check(self) -> None:
         """Fail fast, before training, if the storage is unreachable or refuses access (StorageError)."""
 
-    # -- commit and read ----------------------------------------------------------------------------
+    # -- commit ------------------------------------------------------------------------------------
 
-    def save(self, snapshot: Snapshot) -> CommitInfo:
+    def save(self, snapshot: Snapshot, process_group=None) -> CommitInfo:
+        """Commit `snapshot` (collective: every rank of `process_group` calls it with its own shards)."""
         start = time.perf_counter()
-        step = snapshot.step
-        files = encode(snapshot)
-        self._delete_step(step)  # an earlier, possibly partial, save of this step
-        for name, data in files.items():
+        writer = ShardWriter(self, snapshot.step, snapshot.meta)
+        distributed = dist.is_available() and dist.is_initialized()
+        try:
+            dcp.save(snapshot.tensors, storage_writer=writer, planner=DefaultSavePlanner(flatten_state_dict=False),
+                     process_group=process_group, no_dist=not distributed)
+        except CheckpointException as exc:  # a rank's error, raised on every rank of the group
+            raise first_checkpoint_error(exc) from None
+        return CommitInfo(snapshot.step, self.step_uri(snapshot.step), writer.num_bytes, time.perf_counter() - start)
+
+    def discard_step(self, step: int) -> None:
+        """Remove an earlier, possibly partial, save of `step` before it is written again."""
+        self._delete_step(step)
+
+    def open_writer(self, step: int, name: str) -> contextlib.AbstractContextManager:
+        return self._open_writer(f"{step_dirname(step)}/{name}")
+
+    def commit_step(self, step: int, data_files: dict[str, tuple[int, str]], index: bytes, meta: bytes) -> int:
+        """Write the descriptions and then the manifest of a step whose data files are durable; returns
+        the checkpoint's size in bytes."""
+        files = dict(data_files)
+        for name, data in ((INDEX, index), (META, meta)):
             self._put(f"{step_dirname(step)}/{name}", data)
-        manifest = build_manifest(files, run=self.run, step=step, job_hash=snapshot.meta.get("job_hash", ""))
+            files[name] = (len(data), hashlib.sha256(data).hexdigest())
+        job_hash = parse_object(meta, META, max_bytes=MAX_JSON_BYTES).get("job_hash", "")
+        manifest = build_manifest(files, run=self.run, step=step, job_hash=job_hash)
         self._put(f"{step_dirname(step)}/{MANIFEST}", manifest)
-        # these are the bytes just hashed: a later latest_committed() need not download them again
+        # these are the bytes just hashed: a later latest_committed() need not read them again
         self._remember(step, manifest, "")
-        num_bytes = sum(len(d) for d in files.values()) + len(manifest)
-        return CommitInfo(step, self.step_uri(step), num_bytes, time.perf_counter() - start)
+        return sum(size for size, _ in files.values()) + len(manifest)
+
+    # -- read ----------------------------------------------------------------------------------------
+
+    def open(self, step: int, expected_job_hash: str | None = None, layout: SnapshotLayout | None = None,
+             allow_nonfinite: bool = False) -> StoredCheckpoint:
+        """A committed checkpoint, its small files verified and, with the job's `layout`, its tensors'
+        names, shapes and dtypes checked against the job; tensor values are checked as they are read."""
+        where = self.step_uri(step)
+        raw, manifest = self._manifest(step, expected_job_hash)
+        entries = {entry["path"]: entry for entry in manifest["files"]}
+        small = {name: self._verified_file(step, entries[name]) for name in (INDEX, META)}
+        data_sizes = {}
+        for name, entry in entries.items():
+            if name not in small:
+                self._check_size(step, entry)
+                data_sizes[name] = entry["bytes"]
+        meta = parse_object(small[META], f"{where}/{META}", max_bytes=MAX_JSON_BYTES)
+        check_meta(meta, where, step=step, job_hash=manifest["job_hash"], layout=layout)
+        index = parse_index(small[INDEX], where, data_sizes)
+        if layout is not None:
+            check_layout({name: (t.dtype, t.shape) for name, t in index.items()}, where, layout)
+        return StoredCheckpoint(self, step, where, meta, index, layout, allow_nonfinite)
 
     def load(self, step: int, expected_job_hash: str | None = None, layout: SnapshotLayout | None = None,
              allow_nonfinite: bool = False) -> Snapshot:
-        """Read, verify (size and sha256 of every file, always) and decode a committed checkpoint.
+        """The whole checkpoint as plain tensors in this process (tools and tests; trainers read their own
+        shards with `open(...).read_into`)."""
+        return self.open(step, expected_job_hash, layout, allow_nonfinite).read_full()
 
-        Callers that train from it pass the job's `layout`: the checkpoint is then checked against the
-        job (meta.json, tensor names, shapes, dtypes, finite values unless `allow_nonfinite`) before the
-        trainer sees it.
-        """
-        raw, manifest = self._manifest(step, expected_job_hash)
-        files = self._verified_files(step, raw, manifest)
-        return decode(files, self.step_uri(step), step=step, job_hash=manifest["job_hash"], layout=layout,
-                      allow_nonfinite=allow_nonfinite)
+    def read_range(self, step: int, name: str, offset: int, length: int) -> bytes:
+        return self._read_range(f"{step_dirname(step)}/{name}", offset, length)
 
     def verify(self, step: int, expected_job_hash: str | None = None, layout: SnapshotLayout | None = None) -> None:
-        """Check a checkpoint: manifest, identity, every file's size, sha256 and structure, meta.json's fields.
+        """Check a checkpoint: manifest, identity, every file's size and sha256, `meta.json` and the index.
 
-        With a `layout`, also everything `load` checks against the job (which decodes the tensors; a
+        With a `layout`, also everything a trainer's load checks against the job, reading every chunk (a
         non-finite checkpoint fails). Without one no tensor is decoded and the result is cached per manifest.
         """
         if layout is not None:
-            self.load(step, expected_job_hash, layout)
+            self.open(step, expected_job_hash, layout).scan()
             return
         raw, manifest = self._manifest(step, expected_job_hash)
         with self._verified_lock:
@@ -135,7 +203,7 @@ class CheckpointStore(ABC):
                 raise CheckpointError(known)
             return
         try:
-            self._verified_files(step, raw, manifest)
+            self._verify_files(step, raw, manifest)
         except StorageError:
             raise
         except CheckpointError as exc:
@@ -234,20 +302,42 @@ class CheckpointStore(ABC):
         verify_file(entry, data, where)
         return data
 
-    def _verified_files(self, step: int, raw: bytes, manifest: dict) -> dict[str, bytes]:
-        """Every listed file, checked against the manifest, and meta.json's own fields; the outcome is
-        remembered per manifest (whether the checkpoint fits a job is checked by `decode`, not here)."""
+    def _check_size(self, step: int, entry: dict) -> None:
+        where = self.step_uri(step)
         try:
-            files = {entry["path"]: self._verified_file(step, entry) for entry in manifest["files"]}
-            meta = parse_object(files[META], f"{self.step_uri(step)}/{META}", max_bytes=MAX_JSON_BYTES)
-            check_meta(meta, self.step_uri(step), step=step, job_hash=manifest["job_hash"], layout=None)
+            size = self._size(f"{step_dirname(step)}/{entry['path']}")
+        except FileNotFoundError:
+            raise CheckpointError(f"{where}/{entry['path']}: listed in the manifest but missing") from None
+        if size != entry["bytes"]:
+            raise CheckpointError(f"{where}/{entry['path']}: {size} bytes, manifest says {entry['bytes']} "
+                                  "(truncated or replaced)")
+
+    def _verify_files(self, step: int, raw: bytes, manifest: dict) -> None:
+        """Every listed file against the manifest (data files hashed block by block), `meta.json`'s own
+        fields and the index's structure; the outcome is remembered per manifest."""
+        where = self.step_uri(step)
+        try:
+            small = {}
+            for entry in manifest["files"]:
+                if entry["path"] in (INDEX, META):
+                    small[entry["path"]] = self._verified_file(step, entry)
+                    continue
+                self._check_size(step, entry)
+                digest = hashlib.sha256()
+                for offset in range(0, entry["bytes"], _HASH_BLOCK_BYTES):
+                    digest.update(self.read_range(step, entry["path"], offset, _HASH_BLOCK_BYTES))
+                if digest.hexdigest() != entry["sha256"]:
+                    raise CheckpointError(f"{where}/{entry['path']}: sha256 does not match the manifest (corrupted)")
+            meta = parse_object(small[META], f"{where}/{META}", max_bytes=MAX_JSON_BYTES)
+            check_meta(meta, where, step=step, job_hash=manifest["job_hash"], layout=None)
+            parse_index(small[INDEX], where, {e["path"]: e["bytes"] for e in manifest["files"]
+                                              if e["path"] not in small})
         except StorageError:
             raise
         except CheckpointError as exc:
             self._remember(step, raw, str(exc))
             raise
         self._remember(step, raw, "")
-        return files
 
     def _remember(self, step: int, manifest: bytes, error: str) -> None:
         with self._verified_lock:

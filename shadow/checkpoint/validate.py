@@ -7,10 +7,10 @@ as a KeyError, a shape error deep in torch, or NaN losses is checked here first,
 
 - `check_meta`: `meta.json`'s keys and their types; with a layout, exactly the job's keys and optimizer
   hyperparameters (only the scheduled `lr` may differ);
-- `check_layout`: tensor names, dtypes and shapes from the safetensors headers, before any tensor is
-  decoded;
-- `check_values`: after decoding, RNG states a scratch generator accepts and finite weights and
-  optimizer state (`NonFiniteCheckpoint`, which only an explicit `allow_nonfinite` lets through).
+- `check_layout`: tensor names, dtypes and global shapes from `tensors.json`, before any tensor byte is
+  read;
+- `check_values`: each chunk as it is read, RNG states a scratch generator accepts and finite weights
+  and optimizer state (`NonFiniteCheckpoint`, which only an explicit `allow_nonfinite` lets through).
 
 Each failure is an `InvalidCheckpoint` naming the URI, the file, the key, what was found and what was
 expected.
@@ -24,6 +24,7 @@ import torch
 
 from shadow.checkpoint.errors import InvalidCheckpoint, NonFiniteCheckpoint
 from shadow.checkpoint.strict_json import describe, json_type
+from shadow.checkpoint.tensor_index import INDEX
 from shadow.config.job import PrecisionMode
 from shadow.snapshot import SnapshotLayout, TensorSpec
 
@@ -91,24 +92,22 @@ def _check_param_groups(groups: list[dict], expected: list[dict], where: str) ->
                 refuse(name, describe(saved[key]), f"{json_type(want)} {json.dumps(want)} (the job's optimizer)")
 
 
-def check_layout(headers: dict[str, dict[str, tuple[torch.dtype, tuple[int, ...]]]], where: str,
-                 layout: SnapshotLayout) -> None:
-    """Names, dtypes and shapes of every group's tensors (`headers[group][name]`) against the job's."""
-    found = {f"{group}.{name}": entry for group, entries in headers.items() for name, entry in entries.items()}
+def check_layout(found: dict[str, tuple[torch.dtype, tuple[int, ...]]], where: str, layout: SnapshotLayout) -> None:
+    """Names, dtypes and global shapes of every tensor the index lists (by full name) against the job's."""
     for full_name, (dtype, shape) in found.items():
-        group, name = full_name.split(".", 1)
+        group = full_name.split(".", 1)[0]
         if group in layout.unchecked_groups:
             continue
         spec = spec_of(layout, full_name)
         owner = _OWNERS.get(group, group)
         if spec is None:
-            raise InvalidCheckpoint(where, f"{group}.safetensors", f"tensor {name!r}", "unexpected tensor",
+            raise InvalidCheckpoint(where, INDEX, f"tensor {full_name!r}", "unexpected tensor",
                                     f"only tensors of {owner}, which has none by this name")
         if dtype != spec.dtype:
-            raise InvalidCheckpoint(where, f"{group}.safetensors", f"tensor {name!r}", f"dtype {_dtype(dtype)}",
+            raise InvalidCheckpoint(where, INDEX, f"tensor {full_name!r}", f"dtype {_dtype(dtype)}",
                                     f"{_dtype(spec.dtype)} ({owner})")
         if shape != spec.shape:
-            raise InvalidCheckpoint(where, f"{group}.safetensors", f"tensor {name!r}", f"shape {list(shape)}",
+            raise InvalidCheckpoint(where, INDEX, f"tensor {full_name!r}", f"shape {list(shape)}",
                                     f"{list(spec.shape)} ({owner})")
     for full_name, spec in layout.required.items():
         if full_name not in found:
@@ -120,18 +119,18 @@ def check_layout(headers: dict[str, dict[str, tuple[torch.dtype, tuple[int, ...]
                 _missing(where, f"{param}.{field}", fields[field], f" (the state {present} of this parameter is there)")
 
 
-def check_values(tensors: dict[str, torch.Tensor], where: str, layout: SnapshotLayout, *,
+def check_values(tensors: dict[str, torch.Tensor], where: str, file: str, layout: SnapshotLayout, *,
                  allow_nonfinite: bool) -> None:
-    """Decoded tensors (full names): RNG states a generator accepts, finite weights and optimizer state."""
+    """Tensors (or chunks of them) read from `file`, by full name: RNG states a generator accepts, finite
+    weights and optimizer state."""
     for full_name, tensor in tensors.items():
         spec = spec_of(layout, full_name)
         if spec is None:
             continue  # a group only its backend checks (layout.unchecked_groups)
-        group, name = full_name.split(".", 1)
         if spec.generator is not None:
-            _check_generator_state(tensor, spec.generator, where, group, name)
+            _check_generator_state(tensor, spec.generator, where, file, full_name)
         elif spec.finite and not allow_nonfinite:
-            _check_finite(tensor, spec, where, group, name)
+            _check_finite(tensor, spec, where, file, full_name)
 
 
 def spec_of(layout: SnapshotLayout, full_name: str) -> TensorSpec | None:
@@ -144,33 +143,33 @@ def spec_of(layout: SnapshotLayout, full_name: str) -> TensorSpec | None:
     return layout.optim_state.get(param, {}).get(field)
 
 
-def _check_generator_state(tensor: torch.Tensor, device_type: str, where: str, group: str, name: str) -> None:
+def _check_generator_state(tensor: torch.Tensor, device_type: str, where: str, file: str, name: str) -> None:
     """The state must be one torch's generator accepts; tried on a scratch generator, never the global one."""
     if device_type == "cuda" and not torch.cuda.is_available():
         return  # a GPU run's CUDA state, read on a CPU: never applied
     try:
         torch.Generator(device=device_type).set_state(tensor)
     except RuntimeError as exc:
-        raise InvalidCheckpoint(where, f"{group}.safetensors", f"tensor {name!r}",
+        raise InvalidCheckpoint(where, file, f"tensor {name!r}",
                                 f"refused by torch ({str(exc).splitlines()[0][:120]})",
                                 f"a torch {device_type.upper()} generator state") from None
 
 
-def _check_finite(tensor: torch.Tensor, spec: TensorSpec, where: str, group: str, name: str) -> None:
+def _check_finite(tensor: torch.Tensor, spec: TensorSpec, where: str, file: str, name: str) -> None:
     values = tensor.view(spec.bits_of) if spec.bits_of is not None else tensor
     if not values.is_floating_point():
         return
     values = values.float() if values.dtype.itemsize == 1 else values  # isnan/isinf of FP8 via float32
     num_nan, num_inf = int(torch.isnan(values).sum()), int(torch.isinf(values).sum())
     if num_nan or num_inf:
-        raise NonFiniteCheckpoint(where, f"{group}.safetensors", f"tensor {name!r}",
+        raise NonFiniteCheckpoint(where, file, f"tensor {name!r}",
                                   f"{num_nan} NaN and {num_inf} Inf among {values.numel()} values",
                                   "finite values")
 
 
 def _missing(where: str, full_name: str, spec: TensorSpec, note: str) -> None:
-    group, name = full_name.split(".", 1)
-    raise InvalidCheckpoint(where, f"{group}.safetensors", f"tensor {name!r}", f"missing{note}",
+    group = full_name.split(".", 1)[0]
+    raise InvalidCheckpoint(where, INDEX, f"tensor {full_name!r}", f"missing{note}",
                             f"shape {list(spec.shape)} of {_dtype(spec.dtype)} ({_OWNERS.get(group, group)})")
 
 

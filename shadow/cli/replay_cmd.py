@@ -38,15 +38,15 @@ def run(args: argparse.Namespace) -> int:
     trainer = Trainer(job)
     try:
         store, step = locate_checkpoint(args.checkpoint)
-        snapshot = store.load(step, expected_job_hash=trainer.job_hash, layout=trainer.checkpoint_layout,
-                              allow_nonfinite=args.allow_nonfinite)
+        checkpoint = store.open(step, expected_job_hash=trainer.job_hash, layout=trainer.checkpoint_layout,
+                                allow_nonfinite=args.allow_nonfinite)
+        trainer.load_checkpoint(checkpoint)
     except NonFiniteCheckpoint as exc:
         print(f"cannot replay: {exc} (--allow-nonfinite replays it anyway)", file=sys.stderr)
         return 2
     except CheckpointError as exc:
         print(f"cannot replay: {exc}", file=sys.stderr)
         return 2
-    trainer.restore(snapshot)
     if args.precision:
         trainer.set_precision(args.precision)
     until_step = min(step + args.steps, job.steps)

@@ -63,9 +63,9 @@ class _Rank:
 
 
 class MainTrainer(_Rank):
-    """One rank of the main job. Rank 0 persists checkpoints in the background (the loop blocks only for
-    the in-memory snapshot) and reports their outcomes with the next chunk; every rank holds the full
-    state, so any rank count restores any checkpoint."""
+    """One rank of the main job. Every rank persists its own shards in the background (the loop blocks
+    only for the staging copy); rank 0 commits the manifest, applies retention and reports the outcomes
+    with the next chunk. Checkpoints reshard on load, so any rank count restores any checkpoint."""
 
     def __init__(self, job: JobConfig, store_uri: str, run: str):
         self.job, self.store_uri, self.run = job, store_uri, run
@@ -76,12 +76,16 @@ class MainTrainer(_Rank):
         self.store = open_store(self.store_uri, self.run, keep_last=self.job.checkpoint.keep)
         if self.leader:
             self.store.check()  # an unreachable store or a missing bucket fails before any training
-        self.persister = AsyncPersister(self.store) if self.leader else None
+        self.persister = AsyncPersister(self.store, self.trainer.checkpoint_group, leader=self.leader)
 
     def start(self, precision: str) -> CommitInfo | None:
         """A fresh job: commit its initial state (step 0), the first possible replay start."""
         self.trainer.set_precision(precision)
-        return self.store.save(self.trainer.snapshot()) if self.leader else None
+        return self._save_now()
+
+    def _save_now(self) -> CommitInfo | None:
+        commit = self.store.save(self.trainer.snapshot(), self.trainer.checkpoint_group)
+        return commit if self.leader else None
 
     def train(self, until_step: int, eval_after_steps: tuple[int, ...] = (), eval_batches: int = 0,
               lineage: int = 0) -> ChunkResult:
@@ -103,23 +107,20 @@ class MainTrainer(_Rank):
         return ChunkResult(self.trainer.step, result.records, events)
 
     def flush(self, wait: bool = True) -> list[dict]:
-        """Outcomes of checkpoint saves as event payloads (after waiting for the one in flight)."""
-        if self.persister is None:
-            return []
+        """Outcomes of checkpoint saves as event payloads (after waiting for the one in flight); rank 0's."""
         if wait:
             self.persister.wait()
-        return [e.to_event() for e in self.persister.poll()]
+        events = self.persister.poll()
+        return [e.to_event() for e in events] if self.leader else []
 
     def set_precision(self, precision: str) -> None:
         self.trainer.set_precision(precision)
 
     def restore(self, store_uri: str, run: str, step: int, precision: str) -> int:
         """Continue from a committed checkpoint (a rollback target, or a replay's end state)."""
-        if self.persister is not None:
-            self.persister.wait()  # a save of the abandoned state must not land after the restore
+        self.persister.wait()  # a save of the abandoned state must not land after the restore
         store = self.store if run == self.store.run else open_store(store_uri, run)
-        snapshot = store.load(step, expected_job_hash=self.trainer.job_hash, layout=self.trainer.checkpoint_layout)
-        self.trainer.restore(snapshot)
+        self.trainer.load_checkpoint(store.open(step, self.trainer.job_hash, self.trainer.checkpoint_layout))
         self.trainer.set_precision(precision)
         return self.trainer.step
 
@@ -127,10 +128,8 @@ class MainTrainer(_Rank):
         return self.trainer.evaluate(num_batches)
 
     def commit_now(self) -> CommitInfo | None:
-        if not self.leader:
-            return None
         self.persister.wait()
-        return self.store.save(self.trainer.snapshot())
+        return self._save_now()
 
 
 class ReplayWorker(_Rank):
@@ -147,9 +146,8 @@ class ReplayWorker(_Rank):
 
         started = time.perf_counter()
         trainer = Trainer(self.job, self.layout)  # fresh per window: nothing of an earlier replay leaks in
-        snapshot = open_store(task.store_uri, task.run).load(task.start_step, expected_job_hash=trainer.job_hash,
-                                                             layout=trainer.checkpoint_layout)
-        trainer.restore(snapshot)
+        trainer.load_checkpoint(open_store(task.store_uri, task.run).open(task.start_step, trainer.job_hash,
+                                                                           trainer.checkpoint_layout))
         trainer.set_precision(task.precision)
         until = task.start_step + task.num_steps
         faults = self.job.faults
@@ -164,9 +162,9 @@ class ReplayWorker(_Rank):
         settings = LoopSettings(until_step=until, eval_at_end=task.eval_batches > 0, eval_batches=task.eval_batches)
         records = run_steps(trainer, settings, on_record=inject).records
         end_checkpoint = None
-        if task.save_end_run is not None and leader:
+        if task.save_end_run is not None:  # every rank writes its shards
             end_store = open_store(task.store_uri, task.save_end_run)
-            end_checkpoint = end_store.save(trainer.snapshot()).uri
+            end_checkpoint = end_store.save(trainer.snapshot(), trainer.checkpoint_group).uri
         eval_loss = records[-1].eval_loss if records else None
         return ReplayResult(records, eval_loss, end_checkpoint, time.perf_counter() - started, self.node_id())
 
