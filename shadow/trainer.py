@@ -47,6 +47,7 @@ from shadow.distributed import (
     shard_model,
 )
 from shadow.layout import PICKLED_EXTRA_STATE, layout_of
+from shadow.memory_plan import device_capacity, plan_memory
 from shadow.model import Transformer
 from shadow.optim import build_optimizer, state_layout
 from shadow.precision import build_backend
@@ -96,6 +97,8 @@ class Trainer:
         self.layout = layout or RankLayout(micro_batches_per_rank=job.resources.grad_accum * job.resources.num_ranks)
         torch.set_num_threads(job.resources.cpus_per_rank)
         self.device = resolve_device(job.resources.device)
+        plan = plan_memory(job, self.layout.world_size, self.layout.num_micro_batches, self.device)
+        plan.check(*device_capacity(self.device, ranks_on_host=self.layout.world_size))  # before allocating
         self.checkpoint_group = init_group(self.layout, self.device)  # saves and loads run over it
         self.backend = build_backend(job.precision, self.device)
         self.model = Transformer(job.model, self.backend).to(self.device)
@@ -204,6 +207,7 @@ class Trainer:
             "precision": self.precision.value,
             "job_hash": self.job_hash,
             "job_name": self.job.name,
+            "num_micro_batches": self.layout.num_micro_batches,  # a replay at another world size keeps it
             "param_groups": groups,
         }
         return Snapshot(step=self.step, tensors=tensors, meta=meta)

@@ -29,7 +29,7 @@ from shadow.config.job import PrecisionMode
 from shadow.snapshot import SnapshotLayout, TensorSpec
 
 META = "meta.json"
-META_KEYS = ("step", "precision", "job_hash", "job_name", "param_groups")
+META_KEYS = ("step", "precision", "job_hash", "job_name", "num_micro_batches", "param_groups")
 _PRECISIONS = [mode.value for mode in PrecisionMode]
 _OWNERS = {"model": "the job's model", "optim": "the job's optimizer", "precision": "the job's precision backend",
            "rng": "the trainer's RNG states"}
@@ -61,6 +61,8 @@ def check_meta(meta: dict, where: str, *, step: int | None, job_hash: str | None
     else:
         check("job_hash", lambda v: v == job_hash, f"the manifest's job hash {job_hash!r}", full)
     check("job_name", lambda v: isinstance(v, str), "a string", False)
+    check("num_micro_batches", lambda v: _is_int(v) and v >= 1,
+          "a positive integer (the micro-batches of a step, over all ranks)", True)
     check("param_groups", lambda v: isinstance(v, list) and all(isinstance(g, dict) for g in v),
           "an array of objects (the optimizer's param groups)", full)
     if not full:

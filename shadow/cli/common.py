@@ -32,3 +32,21 @@ def load_job_from_args(args: argparse.Namespace) -> JobConfig:
 
 def default_out_dir(kind: str, job: JobConfig) -> Path:
     return Path("runs") / f"{job.name}-{kind}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def check_memory_plan(job: JobConfig, num_ranks: int, num_micro_batches: int, verb: str) -> bool:
+    """Print the per-rank memory plan; False (after saying why) when it cannot fit the device."""
+    import sys
+
+    from shadow.memory_plan import MemoryPlanError, device_capacity, plan_memory
+    from shadow.trainer import resolve_device
+
+    device = resolve_device(job.resources.device)
+    plan = plan_memory(job, num_ranks, num_micro_batches, device)
+    print(plan.describe())
+    try:
+        plan.check(*device_capacity(device, ranks_on_host=num_ranks))
+    except MemoryPlanError as exc:
+        print(f"cannot {verb}: {exc}", file=sys.stderr)
+        return False
+    return True

@@ -6,7 +6,7 @@ import argparse
 import sys
 import time
 
-from shadow.cli.common import add_job_args, default_out_dir, load_job_from_args
+from shadow.cli.common import add_job_args, check_memory_plan, default_out_dir, load_job_from_args
 
 
 def register(subparsers) -> None:
@@ -24,6 +24,40 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from shadow.checkpoint import CheckpointError, locate_checkpoint
+    from shadow.launch import RankFailed, run_ranks
+
+    job = load_job_from_args(args)
+    if args.steps < 1:
+        print("--steps: expected a positive window length", file=sys.stderr)
+        return 2
+    try:
+        store, step = locate_checkpoint(args.checkpoint)
+        num_micro_batches = store.open(step).meta["num_micro_batches"]
+    except CheckpointError as exc:
+        print(f"cannot replay: {exc}", file=sys.stderr)
+        return 2
+    # A step's batch is cut into the checkpoint's micro-batches whatever the number of ranks replaying it
+    num_ranks = job.resources.num_ranks
+    if num_micro_batches % num_ranks:
+        print(f"cannot replay: resources.num_ranks={num_ranks} cannot share the checkpoint's {num_micro_batches} "
+              "micro-batches evenly; use a divisor of it", file=sys.stderr)
+        return 2
+    job.resources.grad_accum = num_micro_batches // num_ranks
+    if not check_memory_plan(job, num_ranks, num_micro_batches, "replay"):
+        return 2
+    out = args.out or str(default_out_dir("replay", job))
+    try:
+        return run_ranks(num_ranks, num_micro_batches, _replay, job, args.checkpoint, args.steps, args.precision,
+                         args.allow_nonfinite, out)
+    except RankFailed as exc:
+        print(f"replay failed: {exc}", file=sys.stderr)
+        return 1
+
+
+def _replay(layout, job, checkpoint_uri: str, num_steps: int, precision: str | None, allow_nonfinite: bool,
+            out: str) -> int:
+    """One rank of `shadow replay`; rank 0 writes the run directory."""
     # torch is imported here, not at module level, so `shadow policy check` starts fast
     from shadow.checkpoint import CheckpointError, NonFiniteCheckpoint, locate_checkpoint
     from shadow.cli.progress import Progress
@@ -31,40 +65,42 @@ def run(args: argparse.Namespace) -> int:
     from shadow.rundir import RunDir
     from shadow.trainer import Trainer
 
-    job = load_job_from_args(args)
-    if args.steps < 1:
-        print("--steps: expected a positive window length", file=sys.stderr)
-        return 2
-    trainer = Trainer(job)
+    leader = layout.rank == 0
+    trainer = Trainer(job, layout)
     try:
-        store, step = locate_checkpoint(args.checkpoint)
-        checkpoint = store.open(step, expected_job_hash=trainer.job_hash, layout=trainer.checkpoint_layout,
-                                allow_nonfinite=args.allow_nonfinite)
-        trainer.load_checkpoint(checkpoint)
+        store, step = locate_checkpoint(checkpoint_uri)
+        trainer.load_checkpoint(store.open(step, expected_job_hash=trainer.job_hash, layout=trainer.checkpoint_layout,
+                                           allow_nonfinite=allow_nonfinite))
     except NonFiniteCheckpoint as exc:
-        print(f"cannot replay: {exc} (--allow-nonfinite replays it anyway)", file=sys.stderr)
+        if leader:
+            print(f"cannot replay: {exc} (--allow-nonfinite replays it anyway)", file=sys.stderr)
         return 2
     except CheckpointError as exc:
-        print(f"cannot replay: {exc}", file=sys.stderr)
+        if leader:
+            print(f"cannot replay: {exc}", file=sys.stderr)
         return 2
-    if args.precision:
-        trainer.set_precision(args.precision)
-    until_step = min(step + args.steps, job.steps)
-    run_dir = RunDir(args.out or default_out_dir("replay", job))
-    progress = Progress(step, until_step, f"replay {trainer.precision.value} @ {step}")
+    if precision:
+        trainer.set_precision(precision)
+    until_step = min(step + num_steps, job.steps)
+    run_dir = RunDir(out) if leader else None
+    progress = Progress(step, until_step, f"replay {trainer.precision.value} @ {step}") if leader else None
     started = time.perf_counter()
 
     def on_record(record):
-        run_dir.append_record(record)
-        progress.update(record)
+        if leader:
+            run_dir.append_record(record)
+            progress.update(record)
 
     settings = LoopSettings(until_step=until_step, eval_at_end=True, eval_batches=job.eval.batches)
     records = run_steps(trainer, settings, on_record=on_record).records
+    if not leader:
+        return 0
     summary = {
         "job": job.name,
         "job_hash": trainer.job_hash,
         "checkpoint": store.step_uri(step),
         "precision": trainer.precision.value,
+        "num_ranks": layout.world_size,
         "window_start": step,
         "num_steps": len(records),
         "final_loss": records[-1].loss if records else None,

@@ -1,12 +1,17 @@
-"""`shadow train`: train a job in one precision, writing trajectory, checkpoints and a summary."""
+"""`shadow train`: train a job in one precision, writing trajectory, checkpoints and a summary.
+
+With `resources.num_ranks` > 1 the job runs on that many local processes (FSDP2, sharded checkpoints);
+rank 0 writes the run directory and prints.
+"""
 
 from __future__ import annotations
 
 import argparse
 import sys
 import time
+from pathlib import Path
 
-from shadow.cli.common import add_job_args, default_out_dir, load_job_from_args
+from shadow.cli.common import add_job_args, check_memory_plan, default_out_dir, load_job_from_args
 
 
 def register(subparsers) -> None:
@@ -21,6 +26,27 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from shadow.launch import RankFailed, run_ranks
+
+    job = load_job_from_args(args)
+    if args.precision:
+        job.precision.mode = type(job.precision.mode)(args.precision)
+    if args.steps is not None and args.steps < 1:
+        print("--steps: expected a positive number of steps", file=sys.stderr)
+        return 2
+    out = args.out or str(default_out_dir("train", job))
+    resources = job.resources
+    if not check_memory_plan(job, resources.num_ranks, resources.num_ranks * resources.grad_accum, "train"):
+        return 2
+    try:
+        return run_ranks(resources.num_ranks, resources.num_ranks * resources.grad_accum, _train, job, args.steps, out)
+    except RankFailed as exc:
+        print(f"train failed: {exc}", file=sys.stderr)
+        return 1
+
+
+def _train(layout, job, steps: int | None, out: str) -> int:
+    """One rank of `shadow train`; rank 0 writes the run directory."""
     # torch is imported here, not at module level, so `shadow policy check` starts fast
     from shadow.checkpoint import AsyncPersister, CheckpointError, CheckpointFailed, CommitInfo, open_store
     from shadow.cli.progress import Progress
@@ -29,28 +55,26 @@ def run(args: argparse.Namespace) -> int:
     from shadow.rundir import RunDir
     from shadow.trainer import Trainer
 
-    job = load_job_from_args(args)
-    if args.precision:
-        job.precision.mode = type(job.precision.mode)(args.precision)
-    if args.steps is not None and args.steps < 1:
-        print("--steps: expected a positive number of steps", file=sys.stderr)
-        return 2
-    until_step = job.steps if args.steps is None else min(args.steps, job.steps)
-    run_dir = RunDir(args.out or default_out_dir("train", job))
+    leader = layout.rank == 0
+    until_step = job.steps if steps is None else min(steps, job.steps)
+    out_path = Path(out)
     try:
-        store = open_store(job.checkpoint.uri or str(run_dir.path / "checkpoints"), run_dir.name,
+        store = open_store(job.checkpoint.uri or str(out_path / "checkpoints"), out_path.name,
                            keep_last=job.checkpoint.keep)
-        store.check()
+        if leader:
+            store.check()
     except CheckpointError as exc:
         print(f"cannot train: {exc}", file=sys.stderr)
         return 2
-    trainer = Trainer(job)
-    progress = Progress(0, until_step, f"train {job.precision.mode.value}")
+    trainer = Trainer(job, layout)
+    run_dir = RunDir(out_path) if leader else None
+    progress = Progress(0, until_step, f"train {job.precision.mode.value}") if leader else None
     started = time.perf_counter()
 
     def on_record(record):
-        run_dir.append_record(record)
-        progress.update(record)
+        if leader:
+            run_dir.append_record(record)
+            progress.update(record)
 
     settings = LoopSettings(
         until_step=until_step,
@@ -63,23 +87,29 @@ def run(args: argparse.Namespace) -> int:
     )
 
     def on_checkpoint(event):
+        if not leader:
+            return
         run_dir.sync()
         if isinstance(event, CheckpointFailed):
             print(f"checkpoint failed: {event.error}", file=sys.stderr)
 
-    # checkpoints are written in the background; the loop blocks only for the CPU snapshot
-    persister = AsyncPersister(store)
+    # checkpoints are written in the background; the loop blocks only for the staging copy
+    persister = AsyncPersister(store, trainer.checkpoint_group, leader=leader)
     result = run_steps(trainer, settings, on_record=on_record, on_checkpoint=on_checkpoint, persister=persister)
     late_events = persister.close()
     for event in late_events:
         on_checkpoint(event)
     events = result.checkpoint_events + late_events
+    failed = any(isinstance(e, CheckpointFailed) for e in events)
+    if not leader:
+        return 1 if failed else 0
     wall_s = time.perf_counter() - started
     records = result.records
     summary = {
         "job": job.name,
         "job_hash": trainer.job_hash,
         "precision": job.precision.mode.value,
+        "num_ranks": layout.world_size,
         "final_step": trainer.step,
         "final_loss": records[-1].loss,
         "final_eval_loss": records[-1].eval_loss,
@@ -95,4 +125,4 @@ def run(args: argparse.Namespace) -> int:
     run_dir.close()
     print(f"final step {trainer.step}  loss {summary['final_loss']:.4f}  "
           f"held-out {summary['final_eval_loss']:.4f}  wall {wall_s:.1f}s  -> {run_dir.path}")
-    return 1 if any(isinstance(e, CheckpointFailed) for e in events) else 0
+    return 1 if failed else 0

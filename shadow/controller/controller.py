@@ -23,6 +23,7 @@ import time
 from dataclasses import replace
 
 import ray
+import torch
 
 from shadow.checkpoint import open_store
 from shadow.compare import compare
@@ -36,6 +37,8 @@ from shadow.controller.ledger import CheckpointLedger
 from shadow.controller.main_job import MainJob
 from shadow.controller.resume import ResumePoint
 from shadow.controller.state import ALLOWED, Phase, RunState
+from shadow.distributed import exact_across_world_sizes
+from shadow.memory_plan import plan_memory
 from shadow.controller.summary import build_summary
 from shadow.controller.verification import Verification
 from shadow.controller.windows import Replay
@@ -128,9 +131,9 @@ class Controller:
                     result = self.main.collect(ref)
                     if result is not None:
                         self._on_chunk(result)
-            self._record_checkpoints(self.main.leader("flush"))
+            self._record_checkpoints(self.main.call("flush"))
             if self.main.step not in self.ledger.committed:
-                commit = self.main.leader("commit_now")
+                commit = self.main.call("commit_now")
                 self._record_checkpoints([commit.to_event()])
         except Exception as exc:  # the main trainer is gone: the last committed checkpoint stands
             self.emit("final_checkpoint_failed", error=f"{type(exc).__name__}: {exc}",
@@ -178,6 +181,7 @@ class Controller:
     # ----------------------------------------------------------------------------- main job
     def _start_main(self) -> None:
         self._check_replay_layout()
+        self._emit_memory_plan()
         inert = self.verification.inert_trigger_rules(self.policy)
         if inert:  # a guard that can never fire must not look like one
             raise ControllerError("; ".join(inert))
@@ -200,13 +204,28 @@ class Controller:
         nodes = self.main.start_group()
         self.emit("main_started", ranks=len(nodes), nodes=nodes, generation=self.main.generation)
 
-    def _check_replay_layout(self) -> None:
+    def _emit_memory_plan(self) -> None:
+        """Per-rank memory of the main job and of a replay (each rank checks its own device when it starts)."""
+        device = torch.device("cuda" if self.main.num_gpus else "cpu")
         micro = self.job.resources.num_ranks * self.job.resources.grad_accum
+        main = plan_memory(self.job, self.job.resources.num_ranks, micro, device)
+        replay = plan_memory(self.job, self.policy.verify.replay_resources.num_ranks, micro, device)
+        self.emit("memory_plan", main=main.to_event(), replay=replay.to_event())
+
+    def _check_replay_layout(self) -> None:
+        main_ranks = self.job.resources.num_ranks
+        micro = main_ranks * self.job.resources.grad_accum
         replay_ranks = self.policy.verify.replay_resources.num_ranks
         if micro % replay_ranks:
             raise ControllerError(
                 f"verify.replay_resources.num_ranks={replay_ranks} cannot share the main job's {micro} micro-batches "
                 f"(resources.num_ranks x resources.grad_accum) evenly; use a divisor of {micro}")
+        if not exact_across_world_sizes(micro, main_ranks, replay_ranks) and not self.policy.noise.enabled:
+            raise ControllerError(
+                f"verify.replay_resources.num_ranks={replay_ranks} adds the gradients of the main job's {micro} "
+                f"micro-batches ({main_ranks} ranks) in another order, so replays differ from the main job by fp32 "
+                "rounding that a verdict would count against FP8; set noise.enabled=true in the policy (the measured "
+                f"noise floor then covers it) or verify.replay_resources.num_ranks={main_ranks}")
 
     def _launch_chunk(self) -> None:
         step, every = self.main.step, self.job.checkpoint.every_steps
@@ -252,9 +271,9 @@ class Controller:
         self.events.commit_point()
 
     def _finish_main(self) -> None:
-        self._record_checkpoints(self.main.leader("flush"))
+        self._record_checkpoints(self.main.call("flush"))
         if self.main.history and self.job.eval.batches:
-            self.final_eval_loss = self.main.leader("evaluate", self.job.eval.batches)
+            self.final_eval_loss = self.main.call("evaluate", self.job.eval.batches)
             self.emit("final_evaluation", step=self.main.step, eval_loss=self.final_eval_loss)
 
     # ----------------------------------------------------------------------------- decisions
@@ -335,7 +354,7 @@ class Controller:
     def _restart_lineage(self, *, step: int, run: str, kind: str, decision: Decision, keep_history_before: int) -> None:
         """Continue the main job in BF16 from a committed checkpoint; later rows become discarded history."""
         # a save still in flight belongs to the old branch: take its outcome under the old lineage first
-        self._record_checkpoints(self.main.leader("flush"))
+        self._record_checkpoints(self.main.call("flush"))
         old_step, old_precision = self.main.step, self.state.precision
         self.state = replace(self.state, precision="bf16", regime=self.state.regime + 1,
                              lineage=self.state.lineage + 1, restore_step=step, restore_run=run,

@@ -50,8 +50,6 @@ class RankGroup:
         """Call `method` on every rank; rank 0's result is the group's answer."""
         return [getattr(actor, method).remote(*args) for actor in self.actors]
 
-    def leader(self, method: str, *args):
-        return getattr(self.actors[0], method).remote(*args)
 
     def kill(self) -> None:
         for actor in self.actors:

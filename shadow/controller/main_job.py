@@ -61,8 +61,6 @@ class MainJob:
         """Run `method` on every rank and wait; rank 0's result."""
         return ray.get(self.group.call(method, *args))[0]
 
-    def leader(self, method: str, *args):
-        return ray.get(self.group.leader(method, *args))
 
     # ------------------------------------------------------------------ chunks
     def launch_chunk(self, until_step: int, eval_after: tuple[int, ...], eval_batches: int, lineage: int) -> None:
