@@ -15,13 +15,14 @@ its state (`optim.state_layout`):
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 from dataclasses import dataclass
 
 import torch
 
-from shadow.config.job import JobConfig
+from shadow.config.job import Fp8Backend, JobConfig
 from shadow.model import Transformer
 from shadow.optim import build_optimizer, state_layout
 from shadow.precision import build_backend
@@ -66,7 +67,8 @@ class MemoryPlan:
 
 
 def plan_memory(job: JobConfig, world_size: int, num_micro_batches: int, device: torch.device) -> MemoryPlan:
-    backend = build_backend(job.precision, torch.device("cpu"))
+    # shapes do not depend on the FP8 backend: plan with the emulated one, which builds anywhere
+    backend = build_backend(dataclasses.replace(job.precision, backend=Fp8Backend.EMULATED), torch.device("cpu"))
     with torch.device("meta"):
         model = Transformer(job.model, backend)
     optimizer = build_optimizer(job.optim, model)

@@ -1,5 +1,7 @@
 """The healthy and degraded scenarios of `shadow run` on the tiny jobs at full model size, where the
-default policy's thresholds are tuned (real local Ray, real training on CPU)."""
+default policy's thresholds are tuned (real local Ray, real training on CPU). The degraded one runs with
+a main job of one rank and of two FSDP2 ranks verified by one-rank replays (the healthy one at two ranks:
+test_scale_out.py)."""
 
 import json
 
@@ -10,6 +12,9 @@ from shadow.cli import main
 from shadow.rundir import read_history
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("local_ray")]
+
+
+RANKS = {1: [], 2: ["--set", "resources.num_ranks=2", "--policy-set", "verify.replay_resources.num_ranks=1"]}
 
 
 def test_healthy_tiny_job_verifies_and_never_switches(tmp_path):
@@ -30,11 +35,13 @@ def test_healthy_tiny_job_verifies_and_never_switches(tmp_path):
     assert len(list((out / "replays").glob("*.jsonl"))) == summary["num_verifications"]
 
 
-def test_degraded_job_switches_at_first_failing_verification_and_ends_near_bf16(tmp_path):
+@pytest.mark.parametrize("main_ranks", [1, 2])
+def test_degraded_job_switches_at_first_failing_verification_and_ends_near_bf16(tmp_path, main_ranks):
     steps = ["--set", "steps=60"]  # unguarded FP8 held-out +45% vs BF16 at 60 steps (300-step figures: docs)
     job = str(REPO / "jobs/tiny_noscale.yaml")
-    code, out, summary, events = shadow_run(tmp_path / "guarded", "--job", job, *steps)
+    code, out, summary, events = shadow_run(tmp_path / "guarded", "--job", job, *steps, *RANKS[main_ranks])
     assert code == 0
+    assert kinds_of(events, "main_started")[0]["ranks"] == main_ranks
     first_verdict = kinds_of(events, "verdict")[0]
     assert first_verdict["level"] == "violation"
     switch = kinds_of(events, "precision_switched")[0]

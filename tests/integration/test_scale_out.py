@@ -92,3 +92,15 @@ def test_a_replay_without_resources_waits_and_never_blocks_the_main_job(four_cpu
     skipped = [e for e in events if e["event"] == "replay_skipped"]
     assert skipped and "waiting for resources" in skipped[0]["reason"]
     assert summary["num_verifications"] == 0
+
+
+def test_replays_that_add_gradients_in_another_order_need_the_noise_floor(four_cpu_ray, tmp_path):
+    """2 ranks x 2 micro-batches replayed by 1 rank x 4 add four gradients in another order: their losses
+    differ by fp32 rounding (measured: docs/scale-out.md), so the run refuses unless noise calibration is on."""
+    code, out, summary, events = _run(tmp_path, "inexact", *TWO_RANKS, "--set", "resources.grad_accum=2",
+                                      "--set", "steps=10", "--policy-set", "verify.replay_resources.num_ranks=1")
+    assert code == 1
+    (failed,) = [e for e in events if e["event"] == "controller_phase" and e["new"] == "failed"]
+    assert "verify.replay_resources.num_ranks=1 adds the gradients" in failed["reason"]
+    assert "noise.enabled=true" in failed["reason"]
+    assert not [e for e in events if e["event"] == "main_started"]
