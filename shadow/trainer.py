@@ -30,13 +30,13 @@ import hashlib
 import json
 import math
 import time
+from typing import TYPE_CHECKING
 
 import torch
 
 from shadow.config.job import JobConfig, OptimConfig, PrecisionMode
 from shadow.config.loader import to_dict
 from shadow.data import StepData
-from shadow.checkpoint.stored import StoredCheckpoint
 from shadow.distributed import (
     RankLayout,
     all_reduce_sum,
@@ -54,6 +54,9 @@ from shadow.precision import build_backend
 from shadow.records import StepRecord
 from shadow.snapshot import Snapshot
 from shadow.telemetry import TelemetryCollector
+
+if TYPE_CHECKING:  # the checkpoint package reads into a trainer; the trainer only names its type
+    from shadow.checkpoint.stored import StoredCheckpoint
 
 
 def lr_at(config: OptimConfig, step: int, total_steps: int) -> float:
