@@ -3,8 +3,9 @@
 Endpoint, region and credentials come from boto3's standard chain (`AWS_ENDPOINT_URL`,
 `AWS_REGION`, `AWS_ACCESS_KEY_ID`/`AWS_SECRET_ACCESS_KEY`, `AWS_PROFILE`, instance roles); nothing of
 them is stored in the checkpoint or written to any message. Every request has bounded retries and
-timeouts (`S3Options`); files above the multipart threshold go through boto3's managed multipart
-upload. An S3 PUT is atomic for readers, so the manifest-last commit works as on a file system.
+timeouts (`S3Options`). Every file is streamed up as it is written (`_StreamingUpload`): one PUT up to
+the multipart threshold, a multipart upload with parallel parts above it. Either is atomic for readers
+(a multipart object exists only once completed), so the manifest-last commit works as on a file system.
 
 Errors become StorageError (unreachable endpoint, missing bucket, access denied) naming the URI and
 the file; any credential that might appear in a server's message is masked.
@@ -13,12 +14,11 @@ the file; any credential that might appear in a server's message is masked.
 from __future__ import annotations
 
 import contextlib
-import io
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
 import boto3
-from boto3.s3.transfer import TransferConfig
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
 
@@ -36,8 +36,8 @@ class S3Options:
     connect_timeout_s: float = 10.0
     read_timeout_s: float = 60.0
     multipart_threshold_bytes: int = 64 * 2**20  # larger files are uploaded in parts, in parallel
-    multipart_chunk_bytes: int = 32 * 2**20
-    max_concurrency: int = 8  # parallel part uploads per file
+    multipart_chunk_bytes: int = 32 * 2**20  # S3 takes parts of 5 MiB or more (all but the last)
+    max_concurrency: int = 8  # parts in flight per file: memory per file is about threshold + this x chunk
 
 
 class S3Store(CheckpointStore):
@@ -59,11 +59,6 @@ class S3Store(CheckpointStore):
             connect_timeout=self.options.connect_timeout_s,
             read_timeout=self.options.read_timeout_s,
         ))
-        self._transfer = TransferConfig(
-            multipart_threshold=self.options.multipart_threshold_bytes,
-            multipart_chunksize=self.options.multipart_chunk_bytes,
-            max_concurrency=self.options.max_concurrency,
-        )
         # only for masking them in messages; never formatted anywhere
         credentials = session.get_credentials()
         frozen = credentials.get_frozen_credentials() if credentials else None
@@ -81,8 +76,8 @@ class S3Store(CheckpointStore):
             raise StorageError(f"{self.run_uri}/: {self._no_bucket()}") from None
 
     def _put(self, path: str, data: bytes) -> None:
-        self._call(f"{self.run_uri}/{path}", "uploading", lambda: self._client.upload_fileobj(
-            io.BytesIO(data), self.bucket, self._key_prefix + path, Config=self._transfer))
+        with self._open_writer(path) as out:
+            out.write(data)
 
     @contextlib.contextmanager
     def _open_writer(self, path: str):
@@ -97,8 +92,19 @@ class S3Store(CheckpointStore):
     def _read_range(self, path: str, offset: int, length: int) -> bytes:
         if length <= 0:
             return b""
-        return self._call(f"{self.run_uri}/{path}", "downloading", lambda: self._client.get_object(
-            Bucket=self.bucket, Key=self._key_prefix + path, Range=f"bytes={offset}-{offset + length - 1}")["Body"].read())
+
+        def read():
+            try:
+                return self._client.get_object(Bucket=self.bucket, Key=self._key_prefix + path,
+                                               Range=f"bytes={offset}-{offset + length - 1}")["Body"].read()
+            except ClientError as exc:
+                # a range starting at or past the end (the file shrank since its size was checked): no
+                # bytes, as a file read there gives, so the reader reports a truncated checkpoint
+                if exc.response.get("Error", {}).get("Code") == "InvalidRange":
+                    return b""
+                raise
+
+        return self._call(f"{self.run_uri}/{path}", "downloading", read)
 
     def _size(self, path: str) -> int:
         return self._call(f"{self.run_uri}/{path}", "checking", lambda: self._client.head_object(
@@ -176,54 +182,94 @@ class S3Store(CheckpointStore):
 
 
 class _StreamingUpload:
-    """A file written in pieces: held in memory up to the multipart threshold and sent with one PUT if it
-    ends there, else sent as a multipart upload in parts of `multipart_chunk_bytes` as it is written,
-    so a rank's memory holds at most one threshold's worth of its shard. The object appears only when
-    the upload completes; an aborted one leaves nothing behind."""
+    """A file written in pieces, as DCP hands over a rank's chunks. Held in memory up to the multipart
+    threshold and sent with one PUT if it ends there; past it, a multipart upload whose parts of
+    `multipart_chunk_bytes` go up on `max_concurrency` threads while the writer goes on. `write` blocks
+    while that many parts are in flight, so a rank holds at most about threshold + concurrency x chunk
+    bytes of its shard, however large the shard. The object appears only when the upload completes; an
+    aborted one leaves nothing behind.
+
+    boto3's managed transfer (s3transfer) pulls from a file object, while DCP pushes the chunks: bridging
+    the two would take a pipe and a thread of its own, so the parts are sent here with the same client.
+    """
 
     def __init__(self, store: S3Store, path: str):
-        self.store, self.path = store, path
-        self.key = store._key_prefix + path
-        self.where = f"{store.run_uri}/{path}"
-        self.buffer = bytearray()
-        self.upload_id: str | None = None
-        self.parts: list[dict] = []
+        self._options, self._client, self._call = store.options, store._client, store._call
+        self._bucket, self._key = store.bucket, store._key_prefix + path
+        self._where = f"{store.run_uri}/{path}"
+        self._buffer = bytearray()
+        self._upload_id: str | None = None
+        self._pool: ThreadPoolExecutor | None = None
+        self._parts: list[Future] = []  # part i + 1; each gives {"PartNumber", "ETag"}
 
     def write(self, data) -> None:
-        self.buffer += data
-        options = self.store.options
-        if self.upload_id is None and len(self.buffer) > options.multipart_threshold_bytes:
-            self.upload_id = self.store._call(self.where, "starting a multipart upload", lambda: self.store._client
-                                              .create_multipart_upload(Bucket=self.store.bucket, Key=self.key))["UploadId"]
-        while self.upload_id is not None and len(self.buffer) >= options.multipart_chunk_bytes:
-            self._send_part(options.multipart_chunk_bytes)
+        view = memoryview(data).cast("B")
+        if self._upload_id is None:
+            if len(self._buffer) + len(view) <= self._options.multipart_threshold_bytes:
+                self._buffer += view
+                return
+            self._start()
+            held, self._buffer = self._buffer, bytearray()
+            self._cut_parts(memoryview(held))
+        self._cut_parts(view)
 
-    def _send_part(self, size: int) -> None:
-        body, self.buffer = bytes(self.buffer[:size]), self.buffer[size:]
-        number = len(self.parts) + 1
-        response = self.store._call(self.where, f"uploading part {number}", lambda: self.store._client.upload_part(
-            Bucket=self.store.bucket, Key=self.key, UploadId=self.upload_id, PartNumber=number, Body=body))
-        self.parts.append({"PartNumber": number, "ETag": response["ETag"]})
+    def _cut_parts(self, view: memoryview) -> None:
+        """Fill the buffer from `view` a part at a time and send each full part (a large write is never
+        copied whole)."""
+        chunk = self._options.multipart_chunk_bytes
+        while view:
+            take = chunk - len(self._buffer)
+            self._buffer += view[:take]
+            view = view[take:]
+            if len(self._buffer) == chunk:
+                part, self._buffer = self._buffer, bytearray()
+                self._submit(part)
 
     def complete(self) -> None:
-        if self.upload_id is None:
-            body = bytes(self.buffer)
-            self.store._call(self.where, "uploading", lambda: self.store._client.put_object(
-                Bucket=self.store.bucket, Key=self.key, Body=body))
+        if self._upload_id is None:
+            body = self._buffer
+            self._call(self._where, "uploading", lambda: self._client.put_object(
+                Bucket=self._bucket, Key=self._key, Body=body))
             return
-        if self.buffer or not self.parts:
-            self._send_part(len(self.buffer))
-        self.store._call(self.where, "completing a multipart upload", lambda: self.store._client
-                         .complete_multipart_upload(Bucket=self.store.bucket, Key=self.key, UploadId=self.upload_id,
-                                                    MultipartUpload={"Parts": self.parts}))
+        if self._buffer:
+            self._submit(self._buffer)
+            self._buffer = bytearray()
+        parts = [part.result() for part in self._parts]  # the first failed part's StorageError, if any
+        self._pool.shutdown()
+        self._call(self._where, "completing a multipart upload", lambda: self._client.complete_multipart_upload(
+            Bucket=self._bucket, Key=self._key, UploadId=self._upload_id, MultipartUpload={"Parts": parts}))
 
     def abort(self) -> None:
-        if self.upload_id is not None:
-            try:
-                self.store._client.abort_multipart_upload(Bucket=self.store.bucket, Key=self.key,
-                                                          UploadId=self.upload_id)
-            except (BotoCoreError, ClientError):
-                pass  # the upload stays invisible either way; a bucket lifecycle rule reaps stale parts
+        if self._upload_id is None:
+            return
+        # parts still being sent finish first: one landing after the abort would be stored again
+        self._pool.shutdown(wait=True, cancel_futures=True)
+        try:
+            self._client.abort_multipart_upload(Bucket=self._bucket, Key=self._key, UploadId=self._upload_id)
+        except (BotoCoreError, ClientError):
+            pass  # the upload stays invisible either way; a bucket lifecycle rule reaps stale parts
+
+    def _start(self) -> None:
+        self._upload_id = self._call(self._where, "starting a multipart upload", lambda: self._client
+                                     .create_multipart_upload(Bucket=self._bucket, Key=self._key))["UploadId"]
+        self._pool = ThreadPoolExecutor(self._options.max_concurrency, thread_name_prefix="s3-part")
+
+    def _submit(self, body: bytearray) -> None:
+        """Hand one part to the pool, then wait while `max_concurrency` parts are in flight; a part that
+        failed stops the writer here rather than after the whole shard was sent."""
+        number = len(self._parts) + 1
+        self._parts.append(self._pool.submit(self._send_part, number, body))
+        in_flight = [part for part in self._parts if not part.done()]
+        if len(in_flight) >= self._options.max_concurrency:
+            wait(in_flight, return_when=FIRST_COMPLETED)
+        for part in self._parts:
+            if part.done() and part.exception() is not None:
+                raise part.exception()
+
+    def _send_part(self, number: int, body: bytearray) -> dict:
+        response = self._call(self._where, f"uploading part {number}", lambda: self._client.upload_part(
+            Bucket=self._bucket, Key=self._key, UploadId=self._upload_id, PartNumber=number, Body=body))
+        return {"PartNumber": number, "ETag": response["ETag"]}
 
 
 def _plain_key(key: str) -> bool:

@@ -1,10 +1,11 @@
 """The checkpoint store over a real S3-protocol server (moto's server mode on 127.0.0.1, started here).
 
-Round trip and exact replay through `s3://`, corruption and planted pickles refused and skipped, and
-the storage failures a user meets (missing bucket, access denied, unreachable endpoint) reported with
-the URI and file and never with a credential.
+Round trip (a data file large enough for a multipart upload) and exact replay through `s3://`,
+corruption and planted pickles refused and skipped, and the storage failures a user meets (missing
+bucket, access denied, unreachable endpoint) reported with the URI and file and never with a credential.
 """
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -51,9 +52,9 @@ def test_round_trip_is_exact(kind, s3_root, tmp_path):
     assert set(loaded.tensors) == set(original.tensors)
     for name, tensor in original.tensors.items():
         assert loaded.tensors[name].dtype == tensor.dtype and torch.equal(loaded.tensors[name], tensor), name
-    if kind == "s3":  # the large file really went up in parts
-        head = s3_client(store.endpoint).head_object(Bucket=BUCKET, Key=object_key(s3_root, 10, "optim.safetensors"))
-        assert head["ETag"].endswith('-3"')
+    if kind == "s3":  # the rank's data file (12 MiB and a little) really went up in three parts
+        head = s3_client(store.endpoint).head_object(Bucket=BUCKET, Key=object_key(s3_root, 10, "rank-00000.bin"))
+        assert head["ContentLength"] > 12 * 2**20 and head["ETag"].endswith('-3"')
 
 
 def test_exact_replay_from_an_s3_checkpoint(s3_root, tmp_path, small_job_file):
@@ -85,36 +86,60 @@ def test_damaged_checkpoint_is_refused_and_skipped(s3_root, tmp_path, damage):
     store = open_store(s3_root, "run")
     for step in (10, 20):
         store.save(_snapshot(step))
-    client, key = s3_client(store.endpoint), object_key(s3_root, 20, "optim.safetensors")
+    client, key = s3_client(store.endpoint), object_key(s3_root, 20, "rank-00000.bin")
     data = client.get_object(Bucket=BUCKET, Key=key)["Body"].read()
     marker = tmp_path / "pwned"
     payload = pickle.dumps(Exploit(str(marker)))
-    expected = "optim.safetensors: sha256 does not match"
+    # loading reads chunk by chunk (each checked against its sha256 in tensors.json); finding the latest
+    # hashes whole files against the manifest
+    expected = r"rank-00000.bin: tensor '.*': the bytes of its chunk at \[.*\] do not match their sha256"
+    skipped = "rank-00000.bin: sha256 does not match the manifest"
     if damage == "flip_byte":
         client.put_object(Bucket=BUCKET, Key=key, Body=data[:200] + bytes([data[200] ^ 0x10]) + data[201:])
     elif damage == "truncate":
         client.put_object(Bucket=BUCKET, Key=key, Body=data[: len(data) // 2])
-        expected = "optim.safetensors: .* bytes, manifest says"
+        expected = skipped = rf"rank-00000.bin: {len(data) // 2} bytes, manifest says {len(data)}"
     elif damage == "delete":
         client.delete_object(Bucket=BUCKET, Key=key)
-        expected = "optim.safetensors: listed in the manifest but missing"
-    else:
-        client.put_object(Bucket=BUCKET, Key=object_key(s3_root, 20, "model.pt"), Body=payload)
+        expected = skipped = "rank-00000.bin: listed in the manifest but missing"
+    else:  # DCP's own reader would unpickle `.metadata`; shadow never opens a file the manifest does not list
+        client.put_object(Bucket=BUCKET, Key=object_key(s3_root, 20, ".metadata"), Body=payload)
         client.put_object(Bucket=BUCKET, Key=key, Body=payload)
-        expected = "optim.safetensors: .* bytes, manifest says"
+        expected = skipped = rf"rank-00000.bin: {len(payload)} bytes, manifest says {len(data)}"
         if damage == "pickle_forged_manifest":
             manifest_key = object_key(s3_root, 20, "MANIFEST.json")
             manifest = json.loads(client.get_object(Bucket=BUCKET, Key=manifest_key)["Body"].read())
             for entry in manifest["files"]:
-                if entry["path"] == "optim.safetensors":
+                if entry["path"] == "rank-00000.bin":
                     entry.update(bytes=len(payload), sha256=hashlib.sha256(payload).hexdigest())
             client.put_object(Bucket=BUCKET, Key=manifest_key, Body=json.dumps(manifest).encode())
-            expected = "optim.safetensors: not a valid safetensors file"
+            expected = skipped = (rf"tensors.json: tensor '.*' chunks\[0\]: bytes \[.*\) of rank-00000.bin; "
+                                  rf"expected a range inside its {len(payload)} bytes")
     fresh = open_store(s3_root, "run")
-    with pytest.raises(CheckpointError, match=f"{s3_root}/run/step-000000020/{expected}"):
+    where = f"{s3_root}/run/step-000000020/"
+    with pytest.raises(CheckpointError, match=where + expected):
         fresh.load(20)
+    with pytest.raises(CheckpointError, match=where + skipped):
+        fresh.verify(20)
     assert fresh.latest_committed() == 10
     assert not marker.exists()
+
+
+@pytest.mark.parametrize("kind", ["local", "s3"])
+def test_a_data_file_emptied_after_opening_reads_as_truncated(kind, s3_root, tmp_path):
+    """Replaced after its size was checked: every chunk now starts past the end. That is a damaged
+    checkpoint (skipped in a search for the latest), not a storage failure (which stops the search)."""
+    store = open_store(s3_root if kind == "s3" else str(tmp_path), "run")
+    store.save(_snapshot(10))
+    opened = store.open(10)
+    if kind == "s3":
+        s3_client(store.endpoint).put_object(Bucket=BUCKET, Key=object_key(s3_root, 10, "rank-00000.bin"), Body=b"")
+    else:
+        (tmp_path / "run/step-000000010/rank-00000.bin").write_bytes(b"")
+    with pytest.raises(CheckpointError, match=r"step-000000010/rank-00000.bin: tensor '.*': read 0 bytes at \d+, "
+                                              r"expected \d+ \(truncated\)") as caught:
+        opened.read_full()
+    assert not isinstance(caught.value, StorageError)
 
 
 def test_pins_and_retention_on_s3(s3_root):
@@ -174,24 +199,42 @@ def test_unreachable_endpoint_fails_after_bounded_retries(s3_env, monkeypatch):
     assert time.monotonic() - started < 10
 
 
-def test_credentials_appear_in_no_message_event_or_log(s3_env, s3_root, monkeypatch, caplog):
+@contextlib.contextmanager
+def _every_log_record():
+    """The records logged at any level inside the block (without pytest's logging plugin, which a run
+    may switch off)."""
+    records = []
+    handler = logging.Handler(logging.DEBUG)
+    handler.emit = records.append
+    root, level = logging.getLogger(), logging.getLogger().level
+    root.addHandler(handler)
+    root.setLevel(logging.DEBUG)
+    try:
+        yield records
+    finally:
+        root.removeHandler(handler)
+        root.setLevel(level)
+
+
+def test_credentials_appear_in_no_message_event_or_log(s3_env, s3_root, monkeypatch):
     secret = "ShadowTestSecret/9f3c2a7e+DoNotLeak"
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", secret)
-    caplog.set_level(logging.DEBUG)
     texts = []
-    stores = [open_store(s3_root, "run"), open_store("s3://no-such-bucket/p", "run", s3_options=FAST_FAIL)]
-    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{free_port()}")
-    stores.append(open_store(s3_root, "run", s3_options=FAST_FAIL))
-    for store in stores:
-        texts.append(repr(store))
-        with AsyncPersister(store) as persister:
-            persister.submit(_snapshot(10))
-            persister.wait()
-            texts += [json.dumps(e.to_event()) for e in persister.poll()]
-        try:
-            store.load(10)
-        except CheckpointError as exc:
-            texts.append(str(exc))
+    with _every_log_record() as records:
+        stores = [open_store(s3_root, "run"), open_store("s3://no-such-bucket/p", "run", s3_options=FAST_FAIL)]
+        monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{free_port()}")
+        stores.append(open_store(s3_root, "run", s3_options=FAST_FAIL))
+        for store in stores:
+            texts.append(repr(store))
+            with AsyncPersister(store) as persister:
+                persister.submit(_snapshot(10))
+                persister.wait()
+                texts += [json.dumps(e.to_event()) for e in persister.poll()]
+            try:
+                store.load(10)
+            except CheckpointError as exc:
+                texts.append(str(exc))
     assert sum("checkpoint_committed" in t for t in texts) == 1 and sum("checkpoint_failed" in t for t in texts) == 2
-    texts += [record.getMessage() for record in caplog.records]
+    assert records, "nothing was logged: the check below would pass vacuously"
+    texts += [record.getMessage() for record in records]
     assert not [t for t in texts if secret in t or "DoNotLeak" in t]
