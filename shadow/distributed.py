@@ -161,8 +161,7 @@ def clip_grad_norm(params: list[torch.Tensor], max_norm: float) -> float:
         start += size
     if sharded and dist.is_initialized():
         dist.all_reduce(row_sums, op=dist.ReduceOp.SUM)
-    total = math.fsum(row_sums.tolist())
-    norm = math.sqrt(total) if math.isfinite(total) else total
+    norm = math.sqrt(math.fsum(row_sums.tolist()))  # NaN or inf when a gradient is
     coefficient = max_norm / (norm + 1e-6)
     if math.isfinite(norm) and coefficient < 1.0:
         for param in params:
