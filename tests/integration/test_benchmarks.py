@@ -2,7 +2,7 @@
 here mean nothing; the tests check that the commands work and that their rows hold together.
 
 `overhead.py`, `verification_cost.py` and `tracking_cost.py` are not run here, to keep this module
-under a minute: each would add a `shadow run` (a Ray start, ~25 s) to a path the detection-quality
+to a few minutes: each would add a `shadow run` (a Ray start, ~25 s) to a path the detection-quality
 test already takes (`shadow train` and `shadow run` in subprocesses, their summaries read back)."""
 
 import json
@@ -46,6 +46,45 @@ def test_checkpoint_blocking(tmp_path):
         assert 0 < row["mean_block_s"] and 0 < row["mean_step_s"]
     sync, async_ = result["rows"]
     assert async_["mean_block_s"] < sync["mean_block_s"]  # the async persister only takes the CPU snapshot
+
+
+def test_sharded_checkpoint(tmp_path):
+    result = bench("sharded_checkpoint", tmp_path, "--sizes", "tiny (4x128)", "--rounds", "1", "--every", "1",
+                   "--checkpoints", "1")
+    assert [(r["rank"], r["persist"]) for r in result["blocking"]] == [(0, "sync"), (0, "async"), (1, "sync"), (1, "async")]
+    for sync, async_ in zip(result["blocking"][::2], result["blocking"][1::2]):
+        assert 0 < async_["block_s"] < sync["block_s"] and sync["step_s"] > 0  # async only takes the CPU snapshot
+        assert len(sync["samples"]["step_s"]) == 1 and sync["samples"]["block_s"] == [sync["block_s"]]
+    assert [c["allocator"] for c in result["checkpoints"]] == ["glibc", "mmap"]
+    for saved in result["checkpoints"]:
+        rows = [r for r in result["memory"] if r["allocator"] == saved["allocator"]]
+        assert [(r["world"], r["rank"]) for r in rows] == [(2, 0), (2, 1), (1, 0)]
+        two, one = rows[:2], rows[2]
+        # each rank's data file, measured on disk, is the size the manifest lists; together they hold the
+        # weights and both fp32 AdamW moments (12 bytes per parameter) and a few KB more (step counts,
+        # FP8 scaling state, RNG states), each tensor once; the JSON files and the manifest come on top
+        data_files = {name: size for name, size in saved["files"].items() if name.startswith("rank-")}
+        assert {f"rank-{r['rank']:05d}.bin": r["shard_bytes"] for r in two} == data_files
+        assert 12 * 869_504 < saved["data_bytes"] == sum(data_files.values()) < 12 * 869_504 + 2**20
+        assert saved["data_bytes"] < sum(saved["files"].values()) < saved["commit_bytes"]  # + JSON files, + manifest
+        assert one["shard_bytes"] == saved["data_bytes"] and one["load_mb"] >= 0
+        for row in two:
+            assert 0.4 < row["shard_bytes"] / saved["data_bytes"] < 0.6  # FSDP2 splits every tensor in two
+            assert 0 < row["rss_before_mb"] <= row["peak_rss_mb"]
+            assert 0.5 < row["snapshot_over_shard"] < 2  # the staging copy is this rank's shard, in RSS too
+            assert row["save_mb"] >= 0 and row["load_mb"] >= 0
+
+
+def test_fsdp_step_time(tmp_path):
+    result = bench("fsdp_step_time", tmp_path, "--sizes", "tiny (4x128)", "--rounds", "2", "--steps", "1",
+                   "--warmup", "1")
+    one, two = result["rows"]
+    assert (one["world_size"], two["world_size"]) == (1, 2) and one["params"] == two["params"] == 869_504
+    # each layout's first launch, recorded separately: the same losses bit for bit, as the flag says
+    assert one["losses"] == two["losses"] and len(one["losses"]) == 2 and one["losses_equal"] and two["losses_equal"]
+    assert len(one["step_times_s"]) == len(two["step_times_s"]) == 2  # one timed step per launch, two rounds
+    assert one["step_s"] == statistics.median(one["step_times_s"]) and one["over_one_rank"] == 1
+    assert two["over_one_rank"] == pytest.approx(statistics.median(two["step_times_s"]) / one["step_s"])
 
 
 def test_telemetry_cost(tmp_path):
