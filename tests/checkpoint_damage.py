@@ -1,9 +1,12 @@
 """Real checkpoints of the tiny job, ways to damage them that the manifest's hashes do not catch, and
 `shadow replay` run on them (in-process for speed, or in a real subprocess).
 
-Every damage is followed by `resign`, which rewrites the manifest's sizes and sha256 to match the files
-as they now are: what bit rot "repaired" by a careless tool, or an attacker, leaves behind. What is
-left to catch it is the validation of the content against the format and the job.
+A checkpoint of the tiny job (one process) holds one data file `rank-00000.bin`, the index
+`tensors.json` that says where each tensor's bytes are, and `meta.json` (`shadow/checkpoint/format.py`).
+Most damage is followed by `resign`, which rewrites the manifest's sizes and sha256 to match the files as
+they now are, and where values are edited by `rehash_chunks`, which does the same for the index's
+per-chunk sha256: what bit rot "repaired" by a careless tool, or an attacker, leaves behind. What is left
+to catch it is the validation of the content against the format and the job.
 """
 
 import contextlib
@@ -16,17 +19,20 @@ import subprocess
 import sys
 from pathlib import Path
 
+import torch
 from conftest import FAST, REPO
-from safetensors.torch import load as load_safetensors
-from safetensors.torch import save as save_safetensors
 
+from shadow.checkpoint import locate_checkpoint
 from shadow.checkpoint.format import MANIFEST
+from shadow.checkpoint.tensor_index import DTYPES, INDEX
+from shadow.checkpoint.validate import META
 from shadow.cli import main
 
 JOB_ARGS = ["--job", str(REPO / "jobs/tiny.yaml"), *FAST]
 STEP = 3  # the checkpoint the tests damage: after 3 steps, so it has optimizer state
 STEP_DIR = f"step-{STEP:09d}"
-DATA_FILES = ("model.safetensors", "optim.safetensors", "precision.safetensors", "rng.safetensors", "meta.json")
+DATA = "rank-00000.bin"  # the only data file of a one-process checkpoint
+FILES = (DATA, INDEX, META)  # every file the manifest lists
 
 
 def make_checkpoint(root: Path) -> Path:
@@ -36,11 +42,23 @@ def make_checkpoint(root: Path) -> Path:
     return root / "main" / "checkpoints" / "main" / STEP_DIR
 
 
-def copy_checkpoint(source: Path, root: Path) -> Path:
+def copy_checkpoint(source: Path, root: Path, run: str = "main") -> Path:
     """A copy laid out as <root>/ckpt/<run>/step-N, so `--checkpoint` can point at it."""
-    target = root / "ckpt" / "main" / STEP_DIR
+    target = root / "ckpt" / run / STEP_DIR
     shutil.copytree(source, target)
     return target
+
+
+def edit_json(path: Path, change) -> None:
+    """Let `change(document)` edit a JSON file's parsed content in place, and write it back."""
+    document = json.loads(path.read_text())
+    change(document)
+    path.write_text(json.dumps(document))
+
+
+def edit_index(step_dir: Path, change) -> None:
+    """Let `change(tensors)` edit the index's tensors (name -> {dtype, shape, chunks}) in place."""
+    edit_json(step_dir / INDEX, lambda index: change(index["tensors"]))
 
 
 def resign(step_dir: Path) -> None:
@@ -52,23 +70,46 @@ def resign(step_dir: Path) -> None:
     (step_dir / MANIFEST).write_text(json.dumps(manifest, indent=1))
 
 
-def split_safetensors(data: bytes) -> tuple[dict, bytes]:
-    """(header as a dict, data section)."""
-    header_len = int.from_bytes(data[:8], "little")
-    return json.loads(data[8 : 8 + header_len]), data[8 + header_len :]
+def rehash_chunks(step_dir: Path) -> None:
+    """Rewrite every chunk's sha256 in the index to match the bytes it points at (the manifest is left to
+    `resign`)."""
+    files = {}
+
+    def change(tensors):
+        for entry in tensors.values():
+            for chunk in entry["chunks"]:
+                data = files.setdefault(chunk["file"], (step_dir / chunk["file"]).read_bytes())
+                chunk["sha256"] = hashlib.sha256(data[chunk["offset"]: chunk["offset"] + chunk["bytes"]]).hexdigest()
+
+    edit_index(step_dir, change)
 
 
-def join_safetensors(header: dict | bytes, body: bytes) -> bytes:
-    """A safetensors file from a header (a dict, or raw header bytes) and a data section."""
-    raw = header if isinstance(header, bytes) else json.dumps(header).encode()
-    return len(raw).to_bytes(8, "little") + raw + body
+def set_first_value(step_dir: Path, tensor: str, value: float) -> None:
+    """Put `value` (e.g. NaN) into the first element of one tensor in its data file, then rehash its
+    chunk and re-sign the manifest: a well-formed, signed checkpoint that holds the value."""
+    entry = json.loads((step_dir / INDEX).read_text())["tensors"][tensor]
+    chunk = next(c for c in entry["chunks"] if not any(c["offsets"]))
+    raw = torch.tensor([value], dtype=DTYPES[entry["dtype"]]).view(torch.uint8).numpy().tobytes()
+    with open(step_dir / chunk["file"], "r+b") as f:
+        f.seek(chunk["offset"])
+        f.write(raw)
+    rehash_chunks(step_dir)
+    resign(step_dir)
 
 
-def rewrite_tensors(path: Path, change) -> None:
-    """Decode a safetensors file, let `change(tensors)` edit the dict in place, and save it again."""
-    tensors = load_safetensors(path.read_bytes())
-    change(tensors)
-    path.write_bytes(save_safetensors(tensors))
+def rewrite_tensors(step_dir: Path, change) -> None:
+    """Load the checkpoint's full tensors (full names -> tensors), let `change(tensors)` edit the dict in
+    place, and save it again through the store: every file and hash is then as a real save writes it."""
+    store, step = locate_checkpoint(str(step_dir))
+    snapshot = store.load(step)
+    change(snapshot.tensors)
+    store.save(snapshot)
+
+
+def flip_byte(path: Path, position: int) -> None:
+    data = bytearray(path.read_bytes())
+    data[position] ^= 0xFF
+    path.write_bytes(bytes(data))
 
 
 class Planted:
@@ -115,13 +156,3 @@ def refusal(code: int, stderr: str, checkpoint: Path, files) -> str:
     named = [f for f in ([files] if isinstance(files, str) else files) if message.startswith(f"{checkpoint}/{f}: ")]
     assert named, f"{message!r} names none of {files}"
     return message
-
-
-def set_first_value(step_dir: Path, file: str, tensor: str, value: float) -> None:
-    """Put `value` (e.g. NaN) into the first element of one tensor, keeping everything else."""
-    def change(tensors):
-        tensors[tensor] = tensors[tensor].clone()
-        tensors[tensor].view(-1)[0] = value
-
-    rewrite_tensors(step_dir / file, change)
-

@@ -13,7 +13,7 @@ described in `format.py`.
   does not list are never opened.
 - `latest_committed` is the newest checkpoint that verifies (every file's size and sha256, streamed);
   damaged or foreign ones are skipped (and logged once), storage errors are raised. Verification
-  results are cached per (step, manifest bytes).
+  results, and damage that `open` or a chunk read finds, are cached per (step, manifest bytes).
 - Retention deletes all but the newest `keep_last` committed checkpoints, except pinned ones and the
   latest; deletion removes the manifest first, so a half-deleted checkpoint is never readable.
 
@@ -52,7 +52,7 @@ from shadow.checkpoint.format import (
 from shadow.checkpoint.retention import PINS_DIR, parse_pin_name, pin_name, select_for_deletion
 from shadow.checkpoint.stored import StoredCheckpoint, first_checkpoint_error
 from shadow.checkpoint.strict_json import parse_object
-from shadow.checkpoint.tensor_index import INDEX, parse_index
+from shadow.checkpoint.tensor_index import INDEX, StoredTensor, parse_index
 from shadow.checkpoint.validate import META, check_layout, check_meta
 from shadow.snapshot import Snapshot, SnapshotLayout
 
@@ -152,7 +152,7 @@ class CheckpointStore(ABC):
         manifest = build_manifest(files, run=self.run, step=step, job_hash=job_hash)
         self._put(f"{step_dirname(step)}/{MANIFEST}", manifest)
         # these are the bytes just hashed: a later latest_committed() need not read them again
-        self._remember(step, manifest, "")
+        self.remember(step, manifest, "")
         return sum(size for size, _ in files.values()) + len(manifest)
 
     # -- read ----------------------------------------------------------------------------------------
@@ -163,19 +163,11 @@ class CheckpointStore(ABC):
         names, shapes and dtypes checked against the job; tensor values are checked as they are read."""
         where = self.step_uri(step)
         raw, manifest = self._manifest(step, expected_job_hash)
-        entries = {entry["path"]: entry for entry in manifest["files"]}
-        small = {name: self._verified_file(step, entries[name]) for name in (INDEX, META)}
-        data_sizes = {}
-        for name, entry in entries.items():
-            if name not in small:
-                self._check_size(step, entry)
-                data_sizes[name] = entry["bytes"]
-        meta = parse_object(small[META], f"{where}/{META}", max_bytes=MAX_JSON_BYTES)
-        check_meta(meta, where, step=step, job_hash=manifest["job_hash"], layout=layout)
-        index = parse_index(small[INDEX], where, data_sizes)
+        meta, index = self._checked_descriptions(step, raw, manifest, hash_data=False)
         if layout is not None:
+            check_meta(meta, where, step=step, job_hash=manifest["job_hash"], layout=layout)
             check_layout({name: (t.dtype, t.shape) for name, t in index.items()}, where, layout)
-        return StoredCheckpoint(self, step, where, meta, index, layout, allow_nonfinite)
+        return StoredCheckpoint(self, step, where, raw, meta, index, layout, allow_nonfinite)
 
     def load(self, step: int, expected_job_hash: str | None = None, layout: SnapshotLayout | None = None,
              allow_nonfinite: bool = False) -> Snapshot:
@@ -315,31 +307,45 @@ class CheckpointStore(ABC):
     def _verify_files(self, step: int, raw: bytes, manifest: dict) -> None:
         """Every listed file against the manifest (data files hashed block by block), `meta.json`'s own
         fields and the index's structure; the outcome is remembered per manifest."""
+        self._checked_descriptions(step, raw, manifest, hash_data=True)
+        self.remember(step, raw, "")
+
+    def _checked_descriptions(self, step: int, raw: bytes, manifest: dict, *,
+                              hash_data: bool) -> tuple[dict, dict[str, StoredTensor]]:
+        """`meta.json` (its own fields) and the index of the checkpoint whose manifest is `raw`, after checking
+        every listed file against the manifest: the small ones by sha256, the data files by size (and with
+        `hash_data`, by sha256 too). Damage found is remembered per manifest."""
         where = self.step_uri(step)
         try:
-            small = {}
+            small, data_sizes = {}, {}
             for entry in manifest["files"]:
                 if entry["path"] in (INDEX, META):
                     small[entry["path"]] = self._verified_file(step, entry)
                     continue
                 self._check_size(step, entry)
-                digest = hashlib.sha256()
-                for offset in range(0, entry["bytes"], _HASH_BLOCK_BYTES):
-                    digest.update(self.read_range(step, entry["path"], offset, _HASH_BLOCK_BYTES))
-                if digest.hexdigest() != entry["sha256"]:
-                    raise CheckpointError(f"{where}/{entry['path']}: sha256 does not match the manifest (corrupted)")
+                if hash_data:
+                    self._check_hash(step, entry)
+                data_sizes[entry["path"]] = entry["bytes"]
             meta = parse_object(small[META], f"{where}/{META}", max_bytes=MAX_JSON_BYTES)
             check_meta(meta, where, step=step, job_hash=manifest["job_hash"], layout=None)
-            parse_index(small[INDEX], where, {e["path"]: e["bytes"] for e in manifest["files"]
-                                              if e["path"] not in small})
+            return meta, parse_index(small[INDEX], where, data_sizes)
         except StorageError:
             raise
         except CheckpointError as exc:
-            self._remember(step, raw, str(exc))
+            self.remember(step, raw, str(exc))
             raise
-        self._remember(step, raw, "")
 
-    def _remember(self, step: int, manifest: bytes, error: str) -> None:
+    def _check_hash(self, step: int, entry: dict) -> None:
+        digest = hashlib.sha256()
+        for offset in range(0, entry["bytes"], _HASH_BLOCK_BYTES):
+            digest.update(self.read_range(step, entry["path"], offset, _HASH_BLOCK_BYTES))
+        if digest.hexdigest() != entry["sha256"]:
+            raise CheckpointError(f"{self.step_uri(step)}/{entry['path']}: sha256 does not match the manifest "
+                                  "(corrupted)")
+
+    def remember(self, step: int, manifest: bytes, error: str) -> None:
+        """Record what checking the checkpoint with this manifest found ("" when sound): `verify` and
+        `latest_committed` answer from it until the manifest changes."""
         with self._verified_lock:
             self._verified[(step, hashlib.sha256(manifest).hexdigest())] = error
 

@@ -35,6 +35,7 @@ class StoredCheckpoint:
     store: object  # the CheckpointStore it is in
     step: int
     where: str  # its URI, for messages
+    manifest: bytes  # as read when it was opened: damage found in its chunks is remembered for it
     meta: dict
     index: dict[str, StoredTensor]
     layout: SnapshotLayout | None = None  # the job it was opened for: values are checked against it
@@ -42,7 +43,11 @@ class StoredCheckpoint:
 
     def read_chunk(self, name: str, chunk: Chunk) -> torch.Tensor:
         data = self.store.read_range(self.step, chunk.file, chunk.offset, chunk.num_bytes)
-        return chunk_tensor(data, chunk, self.index[name].dtype, self.where, name)
+        try:
+            return chunk_tensor(data, chunk, self.index[name].dtype, self.where, name)
+        except CheckpointError as exc:  # damaged bytes: `latest_committed` skips this checkpoint from now on
+            self.store.remember(self.step, self.manifest, str(exc))
+            raise
 
     def _check(self, name: str, chunk: Chunk, values: torch.Tensor) -> None:
         if self.layout is not None:

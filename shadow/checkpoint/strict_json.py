@@ -1,4 +1,4 @@
-"""Strict JSON for the JSON a checkpoint holds (the manifest, `meta.json`, safetensors headers).
+"""Strict JSON for the JSON a checkpoint holds (the manifest, `meta.json`, the tensor index `tensors.json`).
 
 Python's `json` accepts what no shadow checkpoint contains and fails on some input with errors other
 than `JSONDecodeError`: `NaN`/`Infinity` literals, numbers that overflow to inf, integers too long to
@@ -14,7 +14,7 @@ import math
 
 from shadow.checkpoint.errors import CheckpointError
 
-MAX_DEPTH = 16  # shadow's own JSON nests 4 deep (meta.json: param_groups[i].betas[j])
+MAX_DEPTH = 16  # shadow's own JSON nests 6 deep (tensors.json: tensors[name].chunks[i].offsets[j])
 _MAX_INT_DIGITS = 40  # an int64 has at most 20 digits; anything longer is damage
 
 
@@ -22,10 +22,8 @@ class _Refused(ValueError):
     """Raised from inside the parser's hooks; carries the reason."""
 
 
-def parse_object(data: bytes, where: str, *, max_bytes: int, part: str = "") -> dict:
-    """Parse `data` (the file at `where`, or its `part` such as a safetensors header) as one JSON object,
-    refusing anything pathological."""
-    where = f"{where}: {part}" if part else where
+def parse_object(data: bytes, where: str, *, max_bytes: int) -> dict:
+    """Parse `data` (the file at `where`) as one JSON object, refusing anything pathological."""
     if len(data) > max_bytes:
         raise CheckpointError(f"{where}: {len(data)} bytes of JSON, more than the {max_bytes} a shadow "
                               "checkpoint writes")

@@ -82,6 +82,9 @@ def build_index(tensors: dict[str, StoredTensor]) -> bytes:
 def parse_index(data: bytes, where: str, file_sizes: dict[str, int]) -> dict[str, StoredTensor]:
     """The index of the checkpoint at `where`; `file_sizes` are the data files the manifest lists."""
     index = parse_object(data, f"{where}/{INDEX}", max_bytes=MAX_INDEX_BYTES)
+    unknown = sorted(set(index) - {"format", "tensors"})
+    if unknown:
+        raise InvalidCheckpoint(where, INDEX, repr(unknown[0]), "unknown key", "only 'format' and 'tensors'")
     if index.get("format") != INDEX_FORMAT:
         raise InvalidCheckpoint(where, INDEX, "'format'", describe(index.get("format")) if "format" in index
                                 else "missing", repr(INDEX_FORMAT))
@@ -126,6 +129,9 @@ def _chunk(where: str, key: str, entry, shape: tuple[int, ...], dtype: torch.dty
 
     if not isinstance(entry, dict):
         refuse("", describe(entry), "an object with offsets, sizes, file, offset, bytes and sha256")
+    unknown = sorted(set(entry) - {"offsets", "sizes", "file", "offset", "bytes", "sha256"})
+    if unknown:
+        refuse(f" {unknown[0]!r}", "unknown key", "only 'offsets', 'sizes', 'file', 'offset', 'bytes' and 'sha256'")
     for field in ("offsets", "sizes"):
         value = entry.get(field)
         if not (isinstance(value, list) and len(value) == len(shape) and all(_is_count(v) for v in value)):

@@ -101,10 +101,11 @@ def check_layout(found: dict[str, tuple[torch.dtype, tuple[int, ...]]], where: s
         if group in layout.unchecked_groups:
             continue
         spec = spec_of(layout, full_name)
+        if spec is None:  # an unknown group is not printed: it is read from the checkpoint, like the name
+            expected = (f"only tensors of {_OWNERS[group]}, which has none by this name" if group in _OWNERS
+                        else f"only names under {[g + '.' for g in _OWNERS]}")
+            raise InvalidCheckpoint(where, INDEX, f"tensor {full_name!r}", "unexpected tensor", expected)
         owner = _OWNERS.get(group, group)
-        if spec is None:
-            raise InvalidCheckpoint(where, INDEX, f"tensor {full_name!r}", "unexpected tensor",
-                                    f"only tensors of {owner}, which has none by this name")
         if dtype != spec.dtype:
             raise InvalidCheckpoint(where, INDEX, f"tensor {full_name!r}", f"dtype {_dtype(dtype)}",
                                     f"{_dtype(spec.dtype)} ({owner})")

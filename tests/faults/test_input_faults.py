@@ -2,11 +2,10 @@
 a policy file edited into something invalid, deleted, or replaced by a huge file."""
 
 import json
-import pickle
 import shutil
 
 import pytest
-from checkpoint_damage import resign, set_first_value
+from checkpoint_damage import DATA, planted_pickle, set_first_value
 from conftest import FAST, REPO
 
 from shadow.checkpoint.format import MANIFEST
@@ -29,16 +28,6 @@ def crashed_run(tmp_path_factory, local_ray):
     return out
 
 
-class _Planted:
-    """Unpickling this creates a file: proof that a checkpoint's pickle was (or was not) executed."""
-
-    def __init__(self, marker):
-        self.marker = marker
-
-    def __reduce__(self):
-        return (open, (str(self.marker), "w"))
-
-
 def _copy_run(source, target):
     """A copy of a run whose events point at the copy's own local checkpoints."""
     shutil.copytree(source, target)
@@ -49,18 +38,17 @@ def _copy_run(source, target):
 
 def _damage(run_dir, how, marker):
     step_dir = run_dir / "checkpoints" / run_dir.name / "step-000000050"
-    victim = step_dir / "optim.safetensors"
+    victim = step_dir / DATA
     if how == "truncated":
         victim.write_bytes(victim.read_bytes()[:1000])
     elif how == "malicious_pickle":
-        victim.write_bytes(pickle.dumps(_Planted(marker)))
+        victim.write_bytes(planted_pickle(marker))
     elif how == "foreign_job":
         manifest = json.loads((step_dir / MANIFEST).read_text())
         manifest["job_hash"] = "0123456789abcdef"
         (step_dir / MANIFEST).write_text(json.dumps(manifest))
-    elif how == "nonfinite_resigned":  # the manifest rewritten to match: only the content check catches it
-        set_first_value(step_dir, "model.safetensors", "tok_emb.weight", float("nan"))
-        resign(step_dir)
+    elif how == "nonfinite_resigned":  # the hashes rewritten to match: only the content check catches it
+        set_first_value(step_dir, "model.tok_emb.weight", float("nan"))
     return step_dir
 
 
@@ -73,8 +61,10 @@ def test_resume_rejects_a_bad_newest_checkpoint_and_falls_back(crashed_run, tmp_
     events = read_events(run_dir)
     (rejected,) = [e for e in events if e["event"] == "checkpoint_rejected"]
     assert rejected["step"] == 50
-    expected = {"truncated": "optim.safetensors", "malicious_pickle": "optim.safetensors",
-                "foreign_job": MANIFEST, "nonfinite_resigned": "model.safetensors: tensor 'tok_emb.weight'"}[how]
+    expected = {"truncated": f"{DATA}: 1000 bytes, manifest says",
+                "malicious_pickle": f"{DATA}: {len(planted_pickle(marker))} bytes, manifest says",
+                "foreign_job": f"{MANIFEST}: written by job",
+                "nonfinite_resigned": f"{DATA}: tensor 'model.tok_emb.weight': 1 NaN"}[how]
     assert expected in rejected["error"]
     resumed = next(e for e in events if e["event"] == "resumed")
     assert resumed["step"] == 0  # the previous valid checkpoint

@@ -7,10 +7,8 @@ device, as `shadow run --resume` builds it) equals the trainer's own.
 
 import pytest
 import torch
-from checkpoint_damage import resign
+from checkpoint_damage import DATA, set_first_value
 from conftest import FAST, REPO
-from safetensors.torch import load as load_safetensors
-from safetensors.torch import save as save_safetensors
 
 from shadow.checkpoint import NonFiniteCheckpoint, open_store
 from shadow.config import load_job
@@ -45,19 +43,24 @@ def test_real_checkpoints_fit_the_layout_built_without_training(tmp_path, varian
         restored = Trainer(job)
         restored.restore(store.load(step, trainer.job_hash, layout=restored.checkpoint_layout))
         assert restored.step == step
+        # the trainer's own way in (torch.distributed.checkpoint, into its tensors): every tensor as saved
+        loaded = Trainer(job)
+        loaded.load_checkpoint(store.open(step, trainer.job_hash, layout=loaded.checkpoint_layout))
+        saved, state = store.load(step).tensors, loaded.checkpoint_state()
+        assert loaded.step == step and set(state) == set(saved)
+        assert all(torch.equal(state[name], value) for name, value in saved.items())
 
 
 def test_fp8_moments_holding_a_nan_pattern_are_non_finite(tmp_path):
     """FP8 moments are stored as uint8 bit patterns: finiteness is read through the FP8 dtype."""
     job, trainer, store = _trained(tmp_path, VARIANTS["fp8_moments"])
-    path = tmp_path / "run" / "step-000000002" / "optim.safetensors"
-    tensors = load_safetensors(path.read_bytes())
-    tensors["norm.weight.exp_avg"][3] = 0x7F  # NaN in E4M3 (e4m3fn has no Inf)
-    path.write_bytes(save_safetensors(tensors))
-    resign(path.parent)
+    moments = store.load(2).tensors["optim.norm.weight.exp_avg"]
+    assert moments.dtype == torch.uint8 and bool(moments[0] != 0x7F)
+    set_first_value(tmp_path / "run" / "step-000000002", "optim.norm.weight.exp_avg", 0x7F)  # NaN in E4M3
+    moments[0] = 0x7F  # (e4m3fn has no Inf)
     fresh = open_store(str(tmp_path), "run")
-    with pytest.raises(NonFiniteCheckpoint, match=f"{fresh.step_uri(2)}/optim.safetensors: tensor "
-                       r"'norm.weight.exp_avg': 1 NaN and 0 Inf among 64 values; expected finite values"):
+    with pytest.raises(NonFiniteCheckpoint, match=f"{fresh.step_uri(2)}/{DATA}: tensor "
+                       r"'optim.norm.weight.exp_avg': 1 NaN and 0 Inf among 64 values; expected finite values"):
         fresh.load(2, trainer.job_hash, layout=trainer.checkpoint_layout)
     assert fresh.load(2, trainer.job_hash, layout=trainer.checkpoint_layout, allow_nonfinite=True).step == 2
-    assert torch.equal(fresh.load(2).tensors["optim.norm.weight.exp_avg"], tensors["norm.weight.exp_avg"])
+    assert torch.equal(fresh.load(2).tensors["optim.norm.weight.exp_avg"], moments)

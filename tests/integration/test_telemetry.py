@@ -3,7 +3,7 @@ are in the job hash, and FP8 moments with Smooth-SwiGLU checkpoint and replay bi
 
 import torch
 
-from shadow.checkpoint.format import decode, encode
+from shadow.checkpoint import open_store
 from shadow.config import load_job
 from shadow.trainer import Trainer, job_hash
 
@@ -49,15 +49,16 @@ def test_job_hash_has_the_numeric_options_but_not_the_telemetry_cadence():
         _job("resources.num_ranks=1", "resources.grad_accum=2"))
 
 
-def test_fp8_moments_and_smooth_swiglu_checkpoint_and_replay_bit_for_bit():
+def test_fp8_moments_and_smooth_swiglu_checkpoint_and_replay_bit_for_bit(tmp_path):
     job = _job("optim.moments=fp8", "model.smooth_swiglu=true", "telemetry.every_steps=3")
     main = Trainer(job)
     for _ in range(4):
         main.train_step()
-    snapshot = decode(encode(main.snapshot()), "test")  # through the on-storage format (safetensors)
+    store = open_store(str(tmp_path), "main")
+    store.save(main.snapshot())  # through the on-storage format
     expected = [main.train_step().loss for _ in range(4)]
     replay = Trainer(job)
-    replay.restore(snapshot)
+    replay.load_checkpoint(store.open(4, replay.job_hash, layout=replay.checkpoint_layout))
     assert [replay.train_step().loss for _ in range(4)] == expected
     state = next(iter(replay.optimizer.state.values()))
     assert state["exp_avg"].dtype == torch.uint8

@@ -35,13 +35,18 @@ class GatedStore(LocalStore):
         self.gate = threading.Event()
         self.started = threading.Event()
 
-    def save(self, snapshot):
+    def save(self, snapshot, process_group=None):
         self.started.set()
         assert self.gate.wait(10)
-        return super().save(snapshot)
+        return super().save(snapshot, process_group)
 
 
 class BrokenStore(LocalStore):
+    """Storage that refuses every write: the data files (streamed) and the JSON files (whole)."""
+
+    def _open_writer(self, path):
+        raise StorageError(f"{self.run_uri}/{path}: bucket 'x' does not exist")
+
     def _put(self, path, data):
         raise StorageError(f"{self.run_uri}/{path}: bucket 'x' does not exist")
 
@@ -78,7 +83,7 @@ def test_failure_is_an_event_not_an_exception(tmp_path, persister_type):
         persister.wait()
         (event,) = persister.poll()
     assert isinstance(event, CheckpointFailed) and event.stage == "save"
-    assert event.step == 10 and "step-000000010/model.safetensors: bucket 'x' does not exist" in event.error
+    assert event.step == 10 and "step-000000010/rank-00000.bin: bucket 'x' does not exist" in event.error
     assert event.to_event()["event"] == "checkpoint_failed"
 
 

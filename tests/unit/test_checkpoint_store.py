@@ -1,17 +1,20 @@
 """The store protocol on a local directory: verified latest, cached verification, no unpickling,
 pins and retention, deletion manifest-first. (The same protocol over S3: tests/integration/test_s3_store.py.)"""
 
-import hashlib
-import json
 import pickle
 
 import pytest
 import torch
+from checkpoint_damage import resign
 
 from shadow.checkpoint import CheckpointError, StorageError, open_store
 from shadow.checkpoint.format import MANIFEST
 from shadow.checkpoint.local import LocalStore
+from shadow.checkpoint.tensor_index import INDEX
+from shadow.checkpoint.validate import META
 from shadow.snapshot import Snapshot
+
+DATA = "rank-00000.bin"
 
 
 def _snapshot(step, job_hash="job-a"):
@@ -22,7 +25,7 @@ def _snapshot(step, job_hash="job-a"):
 
 
 class CountingStore(LocalStore):
-    """Counts file reads, to see what verification re-reads."""
+    """Records file reads (whole, or a byte range of a data file), to see what verification re-reads."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -31,6 +34,10 @@ class CountingStore(LocalStore):
     def _get(self, path):
         self.reads.append(path)
         return super()._get(path)
+
+    def _read_range(self, path, offset, length):
+        self.reads.append(path)
+        return super()._read_range(path, offset, length)
 
 
 def _damage(path, how):
@@ -58,11 +65,11 @@ def test_latest_committed_skips_damaged_checkpoint(tmp_path, how):
     store = open_store(str(tmp_path), "run")
     for step in (10, 20):
         store.save(_snapshot(step))
-    _damage(tmp_path / "run" / "step-000000020" / "model.safetensors", how)
+    _damage(tmp_path / "run" / "step-000000020" / DATA, how)
     fresh = open_store(str(tmp_path), "run")  # no verification remembered from the saves
     assert fresh.list_committed() == [10, 20]  # the manifest is there ...
     assert fresh.latest_committed() == 10  # ... but the files do not match it
-    with pytest.raises(CheckpointError, match=r"step-000000020/model\.safetensors"):
+    with pytest.raises(CheckpointError, match=r"step-000000020/rank-00000\.bin: "):
         fresh.load(20)
 
 
@@ -84,20 +91,26 @@ def test_latest_committed_skips_foreign_job_and_run(tmp_path):
 def test_verification_is_cached_per_manifest(tmp_path):
     open_store(str(tmp_path), "run").save(_snapshot(10))
     store = CountingStore(str(tmp_path), "run")
+    every_file = [f"step-000000010/{name}" for name in (MANIFEST, META, DATA, INDEX)]  # the data file: one block
     assert store.latest_committed() == 10
-    assert len(store.reads) == 1 + 4 + 1  # manifest, four tensor files, meta.json
+    assert store.reads == every_file
     store.reads.clear()
     assert store.latest_committed() == 10
     assert store.reads == ["step-000000010/MANIFEST.json"]
     # a new manifest (a re-save of the step) is verified afresh
     open_store(str(tmp_path), "run").save(_snapshot(10, job_hash="job-c"))
     store.reads.clear()
-    assert store.latest_committed() == 10 and len(store.reads) == 6
-    # load() verifies what it reads even when the checkpoint verified before
-    _damage(tmp_path / "run" / "step-000000010" / "optim.safetensors", "flip_byte")
-    with pytest.raises(CheckpointError, match="optim.safetensors: sha256 does not match"):
+    assert store.latest_committed() == 10 and store.reads == every_file
+    # load() checks every chunk it reads even when the checkpoint verified before ...
+    _damage(tmp_path / "run" / "step-000000010" / DATA, "flip_byte")
+    with pytest.raises(CheckpointError, match=r"rank-00000\.bin: tensor 'model\.w': the bytes of its chunk at "
+                       r"\[0, 0\] do not match their sha256 in tensors\.json"):
         store.load(10)
-    assert store.latest_committed() is None  # and remembers the failure
+    store.reads.clear()
+    assert store.latest_committed() is None  # ... and remembers the failure
+    assert store.reads == ["step-000000010/MANIFEST.json"]
+    with pytest.raises(CheckpointError, match=r"rank-00000\.bin: tensor 'model\.w': the bytes of its chunk"):
+        store.verify(10)
 
 
 def test_planted_pickles_are_never_unpickled(tmp_path):
@@ -110,22 +123,26 @@ def test_planted_pickles_are_never_unpickled(tmp_path):
     store.save(_snapshot(10))
     store.save(_snapshot(20))
     step_dir = tmp_path / "ckpt" / "run" / "step-000000020"
-    (step_dir / "model.pt").write_bytes(payload)  # an extra file: not in the manifest, never opened
+    # extra files, not in the manifest, are never opened (the last two are the names DCP's own writer pickles to)
+    for name in ("model.pt", ".metadata", "__0_0.distcp"):
+        (step_dir / name).write_bytes(payload)
     assert torch.equal(store.load(20).tensors["model.w"], _snapshot(20).tensors["model.w"])
-    (step_dir / "model.safetensors").write_bytes(payload)  # a replaced file: fails its hash
-    with pytest.raises(CheckpointError, match="model.safetensors: .* bytes, manifest says"):
-        store.load(20)
-    # even with the manifest forged to match, the file is parsed as safetensors, never unpickled
-    manifest = json.loads((step_dir / MANIFEST).read_text())
-    for entry in manifest["files"]:
-        if entry["path"] == "model.safetensors":
-            entry.update(bytes=len(payload), sha256=hashlib.sha256(payload).hexdigest())
-    (step_dir / MANIFEST).write_text(json.dumps(manifest))
-    with pytest.raises(CheckpointError, match="model.safetensors: not a valid safetensors file"):
-        store.load(20)
-    with pytest.raises(CheckpointError, match="model.safetensors: not a valid safetensors file"):
-        open_store(str(tmp_path / "ckpt"), "run").verify(20)
-    assert open_store(str(tmp_path / "ckpt"), "run").latest_committed() == 10
+    original = {name: (step_dir / name).read_bytes() for name in (INDEX, DATA)}
+    for name, expected in ((INDEX, r"tensors\.json: not valid JSON \(not UTF-8: invalid start byte at byte 0\)"),
+                           (DATA, r"tensors\.json: tensor '.+' chunks\[0\]: bytes \[\d+, \d+\) of "
+                                  r"rank-00000\.bin; expected a range inside its \d+ bytes")):
+        (step_dir / name).write_bytes(payload)  # a replaced file: fails its size
+        with pytest.raises(CheckpointError, match=f"{name}: .* bytes, manifest says"):
+            store.load(20)
+        # even with the manifest forged to match, JSON is parsed as JSON and data is read as raw bytes
+        resign(step_dir)
+        with pytest.raises(CheckpointError, match=expected):
+            store.load(20)
+        with pytest.raises(CheckpointError, match=expected):
+            open_store(str(tmp_path / "ckpt"), "run").verify(20)
+        (step_dir / name).write_bytes(original[name])
+        resign(step_dir)
+    assert open_store(str(tmp_path / "ckpt"), "run").latest_committed() == 20  # restored, and never executed
     assert not marker.exists()
 
 
@@ -145,7 +162,7 @@ def test_retention_keeps_newest_pinned_and_latest_valid(tmp_path):
     # the two newest are damaged: the newest valid one is kept although it is beyond keep_last
     store.save(_snapshot(60))
     for step in (50, 60):
-        _damage(tmp_path / "run" / f"step-{step:09d}" / "optim.safetensors", "truncate")
+        _damage(tmp_path / "run" / f"step-{step:09d}" / DATA, "truncate")
     fresh = open_store(str(tmp_path), "run", keep_last=2)
     assert fresh.prune() == [] and fresh.latest_committed() == 40
 
@@ -166,7 +183,7 @@ def test_pin_and_delete_rules(tmp_path):
 def test_deletion_removes_the_manifest_first(tmp_path):
     class FailingTreeRemoval(LocalStore):
         def _remove_tree(self, directory):
-            if (self._path(directory) / "model.safetensors").exists():
+            if (self._path(directory) / DATA).exists():
                 raise StorageError(f"{directory}: disk went away")
 
     store = FailingTreeRemoval(str(tmp_path), "run")
@@ -174,7 +191,7 @@ def test_deletion_removes_the_manifest_first(tmp_path):
     with pytest.raises(StorageError, match="disk went away"):
         store.delete(10)
     step_dir = tmp_path / "run" / "step-000000010"
-    assert (step_dir / "model.safetensors").exists() and not (step_dir / MANIFEST).exists()
+    assert (step_dir / DATA).exists() and not (step_dir / MANIFEST).exists()
     assert store.list_committed() == [] and store.latest_committed() is None
 
 
