@@ -10,8 +10,8 @@ dequantized moments; only what is kept between steps is rounded. With `formats=(
 is rounded and the update equals `torch.optim.AdamW(foreach=False)` bit for bit (a unit test shows
 it), so any difference under FP8 storage is the storage's.
 
-The stored moments are uint8 bit patterns (`.view(float8 dtype)` reads them), which safetensors and
-every device handle. torch's `Optimizer.load_state_dict` casts state to the parameter's dtype (it would
+The stored moments are uint8 bit patterns (`.view(float8 dtype)` reads them), which every checkpoint
+format and device handle. torch's `Optimizer.load_state_dict` casts state to the parameter's dtype (it would
 turn the patterns into numbers), so `load_state_dict` puts the saved patterns back: a checkpoint round
 trip is bit for bit.
 """

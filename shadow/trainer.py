@@ -260,8 +260,10 @@ class Trainer:
                     for key, spec in fields.items()
                 }
         targets = {name: t for name, t in self.checkpoint_state().items() if name in names}
-        for name in names - set(targets):  # TE creates its scaling state at the first FP8 step
-            if name.startswith("precision."):
+        for name in names - set(targets):
+            # TE creates its scaling state at the first FP8 step; a GPU run's CUDA RNG state is read and,
+            # on a CPU, not applied
+            if name.startswith("precision.") or name == "rng.torch_cuda":
                 shape, dtype = stored[name]
                 targets[name] = torch.empty(shape, dtype=dtype)
         return targets

@@ -62,7 +62,7 @@ def check_meta(meta: dict, where: str, *, step: int | None, job_hash: str | None
         check("job_hash", lambda v: v == job_hash, f"the manifest's job hash {job_hash!r}", full)
     check("job_name", lambda v: isinstance(v, str), "a string", False)
     check("num_micro_batches", lambda v: _is_int(v) and v >= 1,
-          "a positive integer (the micro-batches of a step, over all ranks)", True)
+          "a positive integer (the micro-batches of a step, over all ranks)", full)
     check("param_groups", lambda v: isinstance(v, list) and all(isinstance(g, dict) for g in v),
           "an array of objects (the optimizer's param groups)", full)
     if not full:

@@ -33,12 +33,13 @@ def run(args: argparse.Namespace) -> int:
         return 2
     try:
         store, step = locate_checkpoint(args.checkpoint)
-        num_micro_batches = store.open(step).meta["num_micro_batches"]
     except CheckpointError as exc:
         print(f"cannot replay: {exc}", file=sys.stderr)
         return 2
-    # A step's batch is cut into the checkpoint's micro-batches whatever the number of ranks replaying it
+    # A step's batch is cut into the checkpoint's micro-batches whatever the number of ranks replaying it.
+    # A checkpoint that cannot even say how many is refused by the ranks' full check, with its reason.
     num_ranks = job.resources.num_ranks
+    num_micro_batches = _num_micro_batches(store, step) or num_ranks * job.resources.grad_accum
     if num_micro_batches % num_ranks:
         print(f"cannot replay: resources.num_ranks={num_ranks} cannot share the checkpoint's {num_micro_batches} "
               "micro-batches evenly; use a divisor of it", file=sys.stderr)
@@ -53,6 +54,15 @@ def run(args: argparse.Namespace) -> int:
     except RankFailed as exc:
         print(f"replay failed: {exc}", file=sys.stderr)
         return 1
+
+
+def _num_micro_batches(store, step: int) -> int | None:
+    from shadow.checkpoint import CheckpointError
+
+    try:
+        return store.open(step).meta.get("num_micro_batches")
+    except CheckpointError:
+        return None
 
 
 def _replay(layout, job, checkpoint_uri: str, num_steps: int, precision: str | None, allow_nonfinite: bool,

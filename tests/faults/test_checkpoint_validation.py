@@ -102,7 +102,7 @@ CASES = {
                               f"'job_hash': missing; expected the manifest's job hash {job_hash(JOB)!r}"),
     "meta_unknown_key": (lambda d: _edit_meta(d, lambda m: m.update(hook="os.system")), True, META,
                          "'hook': unknown key; expected only the keys ['step', 'precision', 'job_hash', "
-                         "'job_name', 'param_groups']"),
+                         "'job_name', 'num_micro_batches', 'param_groups']"),
     "meta_nan_literal": (lambda d: _meta_text(d, '{"step": NaN}'), True, META,
                          "not valid JSON (NaN is not a JSON number)"),
     "meta_huge_number": (lambda d: _meta_text(d, '{"step": 1e999}'), True, META,
