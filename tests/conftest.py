@@ -44,9 +44,10 @@ def local_ray():
 # time in collection order, so the long ones start early and the workers finish together.
 LONGEST_FILES_FIRST = (  # by measured seconds per file (a full run, 2 workers), longest first
     "test_run_scenarios.py", "test_mlflow_tracking.py", "test_benchmarks.py", "test_process_faults.py",
-    "test_scale_out.py", "test_run_local.py", "test_input_faults.py", "test_run_stop_and_disk.py",
-    "test_resume.py", "test_fp8_training.py", "test_ray_jobs.py", "test_storage_faults.py", "test_multinode.py",
-    "test_triggers.py")
+    "test_scale_out.py", "test_sharded_training.py", "test_run_local.py", "test_input_faults.py",
+    "test_run_stop_and_disk.py", "test_resume.py", "test_fp8_training.py", "test_ray_jobs.py",
+    "test_checkpoint_validation.py", "test_storage_faults.py", "test_multinode.py", "test_triggers.py",
+    "test_checkpoint_fuzz.py", "test_s3_multipart.py")
 
 
 def pytest_collection_modifyitems(items):

@@ -31,13 +31,11 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def ray_head(tmp_path_factory):
-    token = secrets.token_hex(16)
+def _start_head(env: dict, token: str, log_path: Path):
+    """A token-authenticated head on free ports: (process, dashboard address), or None when a port it was
+    given was taken by another process before the head bound it (tests run side by side)."""
     gcs_port, dashboard_port = _free_port(), _free_port()
-    env = dict(os.environ, RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=token,
-               PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
-    log = open(tmp_path_factory.mktemp("head") / "head.log", "w")
+    log = open(log_path, "w")
     head = subprocess.Popen(
         [sys.executable, "-m", "ray.scripts.scripts", "start", "--head", "--block", "--node-ip-address=127.0.0.1",
          f"--port={gcs_port}", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}",
@@ -46,17 +44,37 @@ def ray_head(tmp_path_factory):
          f"--dashboard-agent-listen-port={_free_port()}", f"--dashboard-agent-grpc-port={_free_port()}",
          f"--runtime-env-agent-port={_free_port()}", f"--metrics-export-port={_free_port()}"],
         env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    log.close()  # the head has its own descriptor
     address = f"http://127.0.0.1:{dashboard_port}"
     deadline = time.time() + 90
     while True:
         try:
             JobSubmissionClient(address, headers={"Authorization": f"Bearer {token}"}).list_jobs()
-            break
+            return head, address
         except Exception:
-            if time.time() > deadline or head.poll() is not None:
+            taken = "address already in use" in log_path.read_text()
+            if taken or time.time() > deadline or head.poll() is not None:
                 os.killpg(head.pid, signal.SIGKILL)
-                raise RuntimeError(f"Ray head did not come up; see {log.name}")
+                head.wait()
+                if taken:
+                    return None
+                raise RuntimeError(f"Ray head did not come up; see {log_path}") from None
             time.sleep(1)
+
+
+@pytest.fixture(scope="module")
+def ray_head(tmp_path_factory):
+    token = secrets.token_hex(16)
+    env = dict(os.environ, RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=token,
+               PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
+    directory = tmp_path_factory.mktemp("head")
+    for attempt in range(3):
+        started = _start_head(env, token, directory / f"head-{attempt}.log")
+        if started is not None:
+            break
+    else:
+        raise RuntimeError(f"Ray head found no free ports in 3 attempts; see {directory}")
+    head, address = started
     yield address, token
     os.killpg(head.pid, signal.SIGTERM)
     try:
@@ -64,7 +82,6 @@ def ray_head(tmp_path_factory):
     except subprocess.TimeoutExpired:
         os.killpg(head.pid, signal.SIGKILL)
         head.wait()
-    log.close()
 
 
 def _submit(client, **kwargs) -> str:

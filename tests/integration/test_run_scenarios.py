@@ -1,7 +1,7 @@
 """The healthy and degraded scenarios of `shadow run` on the tiny jobs at full model size, where the
 default policy's thresholds are tuned (real local Ray, real training on CPU). The degraded one runs with
-a main job of one rank and of two FSDP2 ranks verified by one-rank replays (the healthy one at two ranks:
-test_scale_out.py)."""
+a main job of two FSDP2 ranks verified by one-rank replays (a one-rank main job switching on a failing
+verification: test_run_local.py and test_triggers.py; the healthy scenario at two ranks: test_scale_out.py)."""
 
 import json
 
@@ -14,7 +14,7 @@ from shadow.rundir import read_history
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("local_ray")]
 
 
-RANKS = {1: [], 2: ["--set", "resources.num_ranks=2", "--policy-set", "verify.replay_resources.num_ranks=1"]}
+TWO_RANKS = ["--set", "resources.num_ranks=2", "--policy-set", "verify.replay_resources.num_ranks=1"]
 
 
 def test_healthy_tiny_job_verifies_and_never_switches(tmp_path):
@@ -35,13 +35,12 @@ def test_healthy_tiny_job_verifies_and_never_switches(tmp_path):
     assert len(list((out / "replays").glob("*.jsonl"))) == summary["num_verifications"]
 
 
-@pytest.mark.parametrize("main_ranks", [1, 2])
-def test_degraded_job_switches_at_first_failing_verification_and_ends_near_bf16(tmp_path, main_ranks):
+def test_degraded_two_rank_job_switches_at_first_failing_verification_and_ends_near_bf16(tmp_path):
     steps = ["--set", "steps=60"]  # unguarded FP8 held-out +45% vs BF16 at 60 steps (300-step figures: docs)
     job = str(REPO / "jobs/tiny_noscale.yaml")
-    code, out, summary, events = shadow_run(tmp_path / "guarded", "--job", job, *steps, *RANKS[main_ranks])
+    code, out, summary, events = shadow_run(tmp_path / "guarded", "--job", job, *steps, *TWO_RANKS)
     assert code == 0
-    assert kinds_of(events, "main_started")[0]["ranks"] == main_ranks
+    assert kinds_of(events, "main_started")[0]["ranks"] == 2
     first_verdict = kinds_of(events, "verdict")[0]
     assert first_verdict["level"] == "violation"
     switch = kinds_of(events, "precision_switched")[0]

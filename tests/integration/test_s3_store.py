@@ -119,8 +119,8 @@ def test_damaged_checkpoint_is_refused_and_skipped(s3_root, tmp_path, damage):
     where = f"{s3_root}/run/step-000000020/"
     with pytest.raises(CheckpointError, match=where + expected):
         fresh.load(20)
-    with pytest.raises(CheckpointError, match=where + skipped):
-        fresh.verify(20)
+    with pytest.raises(CheckpointError, match=where + skipped):  # a new store: no remembered verdict
+        open_store(s3_root, "run").verify(20)
     assert fresh.latest_committed() == 10
     assert not marker.exists()
 
