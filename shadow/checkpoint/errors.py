@@ -26,7 +26,12 @@ class InvalidCheckpoint(CheckpointError):
 
     def __init__(self, where: str, file: str, key: str, found: str, expected: str):
         self.where, self.file, self.key = where, file, key
+        self._fields = (where, file, key, found, expected)
         super().__init__(f"{where}/{file}: {key}: {found}; expected {expected}")
+
+    def __reduce__(self):
+        # A rank's error travels to the other ranks of a collective load pickled (DCP gathers them)
+        return type(self), self._fields
 
 
 class NonFiniteCheckpoint(InvalidCheckpoint):

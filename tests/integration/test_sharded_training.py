@@ -8,10 +8,12 @@ its own, joined over gloo.
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
 import pytest
+from checkpoint_damage import set_first_value
 from conftest import FAST, REPO
 
 from shadow.checkpoint import open_store
@@ -81,6 +83,22 @@ def test_replay_on_ranks_that_cannot_share_the_micro_batches_is_refused(two_rank
                   "--out", str(tmp_path / "r4"))
     assert done.returncode == 2
     assert "resources.num_ranks=4 cannot share the checkpoint's 2 micro-batches" in done.stderr
+
+
+def test_a_refusal_found_by_one_rank_stops_every_rank_with_its_one_line_error(two_rank_run, tmp_path):
+    """NaN in rank 0's shard of a weight: in a 2-rank replay only rank 0 reads that chunk (rank 1 reads the
+    other rows, from rank-00001.bin), DCP hands the error to every rank of the load, and all of them stop
+    with the same exit code (no rank left waiting in a collective)."""
+    checkpoint = tmp_path / "ckpt" / "main" / "step-000000003"
+    shutil.copytree(two_rank_run / "checkpoints" / "main" / "step-000000003", checkpoint)
+    set_first_value(checkpoint, "model.blocks.0.attn.wqkv.weight", float("nan"))  # row 0: rank-00000.bin
+    done = shadow("replay", *JOB, "--set", "resources.num_ranks=2", "--checkpoint", str(checkpoint), "--steps", "3",
+                  "--out", str(tmp_path / "refused"))
+    assert done.returncode == 2, done.stderr
+    (line,) = done.stderr.strip().splitlines()
+    assert line.startswith(f"cannot replay: {checkpoint}/rank-00000.bin: tensor 'model.blocks.0.attn.wqkv.weight': "
+                           "1 NaN and 0 Inf")
+    assert line.endswith("(--allow-nonfinite replays it anyway)")
 
 
 # A rank process killed while it writes its shard of the step-6 checkpoint (after its first 4 KiB), through a
