@@ -29,9 +29,10 @@ def four_cpu_ray():
     ray.shutdown()
 
 
-@pytest.mark.parametrize("replay_ranks", [1, 2])
+@pytest.mark.parametrize("replay_ranks", [2])
 def test_replays_reproduce_a_two_rank_main_job_bit_for_bit(four_cpu_ray, tmp_path, replay_ranks):
-    """BF16 main job of 2 ranks x 1 micro-batch; replays of 1 rank x 2 micro-batches or 2 ranks x 1."""
+    """BF16 main job of 2 ranks x 1 micro-batch; replays of 2 ranks x 1 (a collective load on a Ray replay
+    group). Replays of 1 rank x 2 micro-batches: the FP8 test below, bit for bit on its noise windows."""
     code, out, summary, events = _run(tmp_path, f"replay{replay_ranks}", *TWO_RANKS, "--set", "steps=75",
                                       "--set", "precision.mode=bf16", "--policy-set", "verify.every_n_steps=50",
                                       "--policy-set", f"verify.replay_resources.num_ranks={replay_ranks}")
