@@ -301,6 +301,23 @@ def test_amax_history_may_hold_nonfinite_values(checkpoint, tmp_path):
     assert code == 0, stderr
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the CUDA RNG state would be applied, not skipped")
+def test_a_gpu_runs_checkpoint_replays_on_a_cpu(checkpoint, tmp_path):
+    """A GPU run's checkpoint also holds the CUDA generator's state: a CPU replay reads it and leaves it
+    unapplied, and re-trains exactly what the same checkpoint without it re-trains."""
+    code, stderr = replay(checkpoint, tmp_path / "plain")
+    assert code == 0, stderr
+    rewrite_tensors(checkpoint, lambda t: t.update({"rng.torch_cuda": torch.arange(16, dtype=torch.uint8)}))
+    assert "rng.torch_cuda" in json.loads((checkpoint / INDEX).read_text())["tensors"]
+    code, stderr = replay(checkpoint, tmp_path / "gpu")
+    assert code == 0, stderr
+    assert _losses(tmp_path / "gpu") == _losses(tmp_path / "plain")
+
+
+def _losses(run_dir) -> list[float]:
+    return [json.loads(line)["loss"] for line in (run_dir / "trajectory.jsonl").read_text().splitlines()]
+
+
 @pytest.mark.slow  # a process that imports torch: ~8 s each
 @pytest.mark.parametrize("name", ["index_pickled", "wrong_shape", "nonfinite_weights"])
 def test_refusal_in_a_real_process(checkpoint, tmp_path, name):
