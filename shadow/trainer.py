@@ -33,6 +33,7 @@ import time
 from typing import TYPE_CHECKING
 
 import torch
+from torch.distributed.tensor import DTensor
 
 from shadow.config.job import JobConfig, OptimConfig, PrecisionMode
 from shadow.config.loader import to_dict
@@ -107,6 +108,7 @@ class Trainer:
         self.model = Transformer(job.model, self.backend).to(self.device)
         self.model.init_weights(job.seed)  # the full weights on every rank, then each keeps its shards
         shard_model(self.model, list(self.model.blocks), self.layout, self.device, forward_methods=("loss",))
+        self.sharded = is_sharded(self.model)  # FSDP2 at world size > 1
         if job.resources.compile:  # `loss` calls `forward` directly, so compile that (state_dict keys unchanged)
             self.model.forward = torch.compile(self.model.forward)
         self.data = StepData(job.data, job.model.seq_len, job.batch_size, job.model.vocab_size)
@@ -142,11 +144,10 @@ class Trainer:
         record_telemetry = every > 0 and step % every == 0
         step_seed = int(torch.randint(0, 2**62, (), generator=self.rng))
         dropout = self.job.model.dropout > 0
-        sharded = is_sharded(self.model)
         with self.telemetry.recording() if record_telemetry else contextlib.nullcontext():
             micro_batches = self.layout.my_micro_batches(inputs, targets)
             for index, (micro_inputs, micro_targets) in enumerate(micro_batches, self.layout.first_micro_batch):
-                if sharded:  # accumulate locally; reduce-scatter once, after this rank's last micro-batch
+                if self.sharded:  # accumulate locally; reduce-scatter once, after this rank's last micro-batch
                     self.model.set_requires_gradient_sync(index == self.layout.first_micro_batch + len(micro_batches) - 1)
                 generator = torch.Generator(self.device).manual_seed(step_seed + index) if dropout else None
                 with self.backend.autocast():
@@ -225,7 +226,7 @@ class Trainer:
 
     def restore(self, snapshot: Snapshot) -> None:
         """Load an in-memory snapshot of full tensors (one rank: calibration and tests)."""
-        assert not is_sharded(self.model), "a sharded trainer loads checkpoints with load_checkpoint"
+        assert not self.sharded, "a sharded trainer loads checkpoints with load_checkpoint"
         self._check_job(snapshot.step, snapshot.meta)
         missing = sorted(set(self.checkpoint_state()) - set(snapshot.tensors) - {"rng.torch_cuda"})
         if missing and not all(name.startswith("optim.") for name in missing):
@@ -285,8 +286,6 @@ class Trainer:
 
 def _staged(tensor: torch.Tensor) -> torch.Tensor:
     """A CPU copy of a tensor; of a DTensor, a DTensor whose local shard is a CPU copy."""
-    from torch.distributed.tensor import DTensor
-
     if isinstance(tensor, DTensor):
         local = tensor.to_local().detach().to("cpu", copy=True)
         return DTensor.from_local(local, tensor.device_mesh, tensor.placements, run_check=False,

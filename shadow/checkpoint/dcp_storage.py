@@ -115,9 +115,9 @@ class ShardWriter(StorageWriter):
             if isinstance(entry, BytesStorageMetadata):
                 raise CheckpointError(f"{self.store.step_uri(self.step)}: {fqn!r} is not a tensor")
             tensors[fqn] = StoredTensor(entry.properties.dtype, tuple(entry.size), tuple(chunks.get(fqn, ())))
-        self.num_bytes = self.store.commit_step(self.step, files, build_index(tensors),
-                                                json.dumps({**self.meta, "step": self.step}, sort_keys=True,
-                                                           indent=1).encode())
+        meta = json.dumps({**self.meta, "step": self.step}, sort_keys=True, indent=1).encode()
+        self.num_bytes = self.store.commit_step(self.step, files, build_index(tensors), meta,
+                                                job_hash=self.meta.get("job_hash", ""))
 
     def storage_meta(self):
         return None

@@ -141,14 +141,14 @@ class CheckpointStore(ABC):
     def open_writer(self, step: int, name: str) -> contextlib.AbstractContextManager:
         return self._open_writer(f"{step_dirname(step)}/{name}")
 
-    def commit_step(self, step: int, data_files: dict[str, tuple[int, str]], index: bytes, meta: bytes) -> int:
+    def commit_step(self, step: int, data_files: dict[str, tuple[int, str]], index: bytes, meta: bytes,
+                    job_hash: str) -> int:
         """Write the descriptions and then the manifest of a step whose data files are durable; returns
         the checkpoint's size in bytes."""
         files = dict(data_files)
         for name, data in ((INDEX, index), (META, meta)):
             self._put(f"{step_dirname(step)}/{name}", data)
             files[name] = (len(data), hashlib.sha256(data).hexdigest())
-        job_hash = parse_object(meta, META, max_bytes=MAX_JSON_BYTES).get("job_hash", "")
         manifest = build_manifest(files, run=self.run, step=step, job_hash=job_hash)
         self._put(f"{step_dirname(step)}/{MANIFEST}", manifest)
         # these are the bytes just hashed: a later latest_committed() need not read them again
@@ -285,21 +285,21 @@ class CheckpointStore(ABC):
         check_identity(manifest, where, run=self.run, step=step, job_hash=expected_job_hash)
         return raw, manifest
 
-    def _verified_file(self, step: int, entry: dict) -> bytes:
-        where = self.step_uri(step)
+    def _listed(self, step: int, entry: dict, primitive):
+        """`primitive(path)` on a file the manifest lists; its absence is damage, not a storage error."""
         try:
-            data = self._get(f"{step_dirname(step)}/{entry['path']}")
+            return primitive(f"{step_dirname(step)}/{entry['path']}")
         except FileNotFoundError:
-            raise CheckpointError(f"{where}/{entry['path']}: listed in the manifest but missing") from None
-        verify_file(entry, data, where)
+            raise CheckpointError(f"{self.step_uri(step)}/{entry['path']}: listed in the manifest but missing") from None
+
+    def _verified_file(self, step: int, entry: dict) -> bytes:
+        data = self._listed(step, entry, self._get)
+        verify_file(entry, data, self.step_uri(step))
         return data
 
     def _check_size(self, step: int, entry: dict) -> None:
         where = self.step_uri(step)
-        try:
-            size = self._size(f"{step_dirname(step)}/{entry['path']}")
-        except FileNotFoundError:
-            raise CheckpointError(f"{where}/{entry['path']}: listed in the manifest but missing") from None
+        size = self._listed(step, entry, self._size)
         if size != entry["bytes"]:
             raise CheckpointError(f"{where}/{entry['path']}: {size} bytes, manifest says {entry['bytes']} "
                                   "(truncated or replaced)")

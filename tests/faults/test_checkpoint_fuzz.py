@@ -18,7 +18,7 @@ import os
 
 import pytest
 import torch
-from checkpoint_damage import (DATA, FILES, copy_checkpoint, edit_index, flip_byte, make_checkpoint, planted_pickle,
+from checkpoint_damage import (DATA, FILES, copy_checkpoint, flip_byte, make_checkpoint, planted_pickle,
                                refusal, rehash_chunks, replay, resign, rewrite_tensors)
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -180,11 +180,7 @@ def _damage_index(draw, step_dir) -> set[str]:
             wrong |= st.sampled_from(["float64", "float32", "int32", "uint8", "bool"]).filter(lambda v: v != entry[key])
         entry[key] = draw(wrong)
     elif what == "entry_key":
-        key = draw(st.sampled_from(sorted(entry) + ["unknown"]))
-        if key == "unknown":
-            entry[draw(st.text(max_size=8).filter(lambda k: k not in entry))] = draw(JSON_VALUES)
-        else:
-            entry.pop(key)
+        _add_or_drop_a_key(draw, entry)
     elif what == "not_object":
         tensors[name] = draw(JSON_VALUES.filter(lambda v: not isinstance(v, dict)))
     elif what == "rename":
@@ -207,15 +203,20 @@ def _damage_index(draw, step_dir) -> set[str]:
         else:
             chunk[key] = draw(_other_than(chunk[key]))
     elif what == "chunk_key":
-        key = draw(st.sampled_from(sorted(chunk) + ["unknown"]))
-        if key == "unknown":
-            chunk[draw(st.text(max_size=8).filter(lambda k: k not in chunk))] = draw(JSON_VALUES)
-        else:
-            chunk.pop(key)
+        _add_or_drop_a_key(draw, chunk)
     else:
         entry["chunks"] = draw(st.sampled_from([[], [chunk, chunk], [chunk, dict(chunk, offset=0)], None, {}]))
     path.write_text(json.dumps(index))
     return named
+
+
+def _add_or_drop_a_key(draw, obj: dict) -> None:
+    """Drop one of `obj`'s keys, or add an unknown one holding any JSON value."""
+    key = draw(st.sampled_from(sorted(obj) + ["unknown"]))
+    if key == "unknown":
+        obj[draw(st.text(max_size=8).filter(lambda k: k not in obj))] = draw(JSON_VALUES)
+    else:
+        obj.pop(key)
 
 
 def _damage_data(draw, step_dir) -> set[str]:
