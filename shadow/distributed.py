@@ -28,7 +28,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
+from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor, Shard
 
 
@@ -102,10 +102,8 @@ def init_group(layout: RankLayout, device: torch.device):
     return _checkpoint_groups[key]
 
 
-def shard_model(model: nn.Module, blocks: list[nn.Module], layout: RankLayout, device: torch.device,
-                forward_methods: tuple[str, ...] = ()) -> None:
-    """FSDP2 over all ranks, per block and the root; gradients are summed, not averaged (see above).
-    `forward_methods`: methods other than `forward` that run the model (they must unshard it too)."""
+def shard_model(model: nn.Module, blocks: list[nn.Module], layout: RankLayout, device: torch.device) -> None:
+    """FSDP2 over all ranks, per block and the root; gradients are summed, not averaged (see above)."""
     if layout.world_size == 1:
         return
     mesh = init_device_mesh(device.type, (layout.world_size,))
@@ -115,8 +113,6 @@ def shard_model(model: nn.Module, blocks: list[nn.Module], layout: RankLayout, d
     for module in [*blocks, model]:
         module.set_gradient_divide_factor(1.0)
         module.set_force_sum_reduction_for_comms(True)
-    for name in forward_methods:
-        register_fsdp_forward_method(model, name)
 
 
 def is_sharded(model: nn.Module) -> bool:

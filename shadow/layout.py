@@ -14,9 +14,9 @@ import torch
 from torch import nn
 
 from shadow.config.job import JobConfig
-from shadow.model import Transformer
 from shadow.optim import build_optimizer, state_layout
 from shadow.precision import PrecisionBackend, build_backend
+from shadow.precision.convert import prepare_model
 from shadow.snapshot import SnapshotLayout, TensorSpec
 
 # Transformer Engine pickles its FP8 metadata into `_extra_state`; snapshots leave it out (the backend
@@ -58,5 +58,5 @@ def expected_layout(job: JobConfig) -> SnapshotLayout:
     """
     backend = build_backend(job.precision, torch.device("cpu"))
     with torch.device("meta"):
-        model = Transformer(job.model, backend)
+        model = prepare_model(job, backend).model
     return layout_of(model, build_optimizer(job.optim, model), backend)

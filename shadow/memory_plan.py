@@ -8,7 +8,9 @@ its state (`optim.state_layout`):
 - activations: what backward keeps for one micro-batch, an estimate after Korthikanti et al. 2022
   ("Reducing activation recomputation", eq. 1: s*b*h*(34 + 5*a*s/h) bytes per layer at 2 bytes a value)
   scaled to this job's activation width (4 bytes on CPU, where BF16 and FP8 are emulated over fp32), plus
-  the fp32 logits and their gradient.
+  the fp32 logits and their gradient. For a plug-in model (`model.factory`) h is the input width of its
+  first block's first linear layer, and the attention-score term is left out (its head count is unknown;
+  fused attention keeps no scores).
 
 `check` refuses a plan that does not fit the device with a message that says what to change.
 """
@@ -23,9 +25,9 @@ from dataclasses import dataclass
 import torch
 
 from shadow.config.job import Fp8Backend, JobConfig
-from shadow.model import Transformer
 from shadow.optim import build_optimizer, state_layout
 from shadow.precision import build_backend
+from shadow.precision.convert import prepare_model
 
 GIB = 2**30
 
@@ -70,20 +72,25 @@ def plan_memory(job: JobConfig, world_size: int, num_micro_batches: int, device:
     # shapes do not depend on the FP8 backend: plan with the emulated one, which builds anywhere
     backend = build_backend(dataclasses.replace(job.precision, backend=Fp8Backend.EMULATED), torch.device("cpu"))
     with torch.device("meta"):
-        model = Transformer(job.model, backend)
+        prepared = prepare_model(job, backend)
+    model, blocks = prepared.model, [block.module for block in prepared.structure.blocks]
     optimizer = build_optimizer(job.optim, model)
     params = list(model.parameters())
     num_params = sum(p.numel() for p in params)
-    block_params = max((sum(p.numel() for p in block.parameters()) for block in model.blocks), default=0)
+    block_params = max(sum(p.numel() for p in block.parameters()) for block in blocks)
     gathered = 0 if world_size == 1 else 2 * block_params  # the block computing and the one prefetched
     optimizer_bytes = sum(
         math.prod(spec.shape) * spec.dtype.itemsize for p in params for spec in state_layout(optimizer, p).values())
     config = job.model
     tokens = (job.batch_size // num_micro_batches) * config.seq_len
     value_bytes = 4 if device.type == "cpu" else 2
-    per_layer = tokens * config.d_model * (34 + 5 * config.num_heads * config.seq_len / config.d_model) / 2
+    if config.factory:
+        width = next(m.weight.shape[1] for m in blocks[0].modules() if hasattr(m, "weight") and m.weight.dim() == 2)
+        per_layer = tokens * width * 34 / 2
+    else:
+        per_layer = tokens * config.d_model * (34 + 5 * config.num_heads * config.seq_len / config.d_model) / 2
     logits = tokens * config.vocab_size * 4 * 2
-    activations = int(per_layer * value_bytes * config.num_layers + logits)
+    activations = int(per_layer * value_bytes * len(blocks) + logits)
     return MemoryPlan(
         world_size=world_size,
         num_params=num_params,

@@ -1,7 +1,9 @@
-"""A small LLaMA-style decoder: RMSNorm, RoPE, causal attention, SwiGLU, optional dropout.
+"""The built-in model: a small LLaMA-style decoder (RMSNorm, RoPE, causal attention, SwiGLU, dropout).
 
-Architecture only. Every GEMM in the blocks comes from the precision backend (`backend.linear`), so
-FP8 vs BF16 is decided there and switched at run time; the lm head is always BF16 (`output_linear`).
+Architecture only, built from plain `nn.Linear` layers like any user model (`model.factory`): the
+precision backend swaps them for its FP8 or BF16 layers afterwards (`shadow/precision/convert.py`).
+Weights are drawn from torch's global generator, which the caller seeds (`model_factory.build_model`),
+and dropout masks from it too, seeded per micro-batch by the trainer.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from shadow.config.job import ModelConfig
-from shadow.precision.base import PrecisionBackend
+from shadow.precision.formats import round_to_bf16
 
 
 class RMSNorm(nn.Module):
@@ -40,22 +42,30 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
 
 
+def bf16_on_cpu(x: torch.Tensor) -> torch.Tensor:
+    """Round a tensor autocast would hold in bf16 (attention's operands) where autocast is emulated: on CPU."""
+    return round_to_bf16(x) if x.device.type == "cpu" else x
+
+
+def linear(in_features: int, out_features: int) -> nn.Linear:
+    return nn.Linear(in_features, out_features, bias=False)
+
+
 class Attention(nn.Module):
-    def __init__(self, config: ModelConfig, backend: PrecisionBackend):
+    def __init__(self, config: ModelConfig):
         super().__init__()
         self.num_heads = config.num_heads
-        self.backend = backend
-        self.wqkv = backend.linear(config.d_model, 3 * config.d_model)
-        self.wo = backend.linear(config.d_model, config.d_model)
+        self.wqkv = linear(config.d_model, 3 * config.d_model)
+        self.wo = linear(config.d_model, config.d_model)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         batch, seq, dim = x.shape
         q, k, v = self.wqkv(x).view(batch, seq, 3, self.num_heads, dim // self.num_heads).unbind(2)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [batch, heads, seq, head_dim]
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        round_bf16 = self.backend.round_activation  # attention runs in BF16 in both modes, as in TE
-        y = F.scaled_dot_product_attention(round_bf16(q), round_bf16(k), round_bf16(v), is_causal=True)
-        y = round_bf16(y).transpose(1, 2).reshape(batch, seq, dim)
+        # attention runs in BF16 in both modes, as in TE
+        y = F.scaled_dot_product_attention(bf16_on_cpu(q), bf16_on_cpu(k), bf16_on_cpu(v), is_causal=True)
+        y = bf16_on_cpu(y).transpose(1, 2).reshape(batch, seq, dim)
         return self.wo(y)
 
 
@@ -69,89 +79,65 @@ class SwiGLU(nn.Module):
     outliers set the input's per-tensor scale for all the others. It is computed afresh every forward
     from the current activations, as in the paper: no state to checkpoint. Under FP8 it therefore
     depends on how a step's batch is cut into micro-batches; that split is part of the job hash, so
-    replays stay exact.
+    replays stay exact. The scaling happens inside w_down once the emulated backend has converted it
+    (its layers take `smooth_input`); the SwiGLU output itself, which telemetry watches, is unchanged.
     """
 
-    def __init__(self, config: ModelConfig, backend: PrecisionBackend):
+    def __init__(self, config: ModelConfig):
         super().__init__()
         self.smooth = config.smooth_swiglu
-        self.w_gate = backend.linear(config.d_model, config.ffn_width)
-        self.w_up = backend.linear(config.d_model, config.ffn_width)
-        self.w_down = backend.linear(config.ffn_width, config.d_model)
-        self.output = nn.Identity()  # names the SwiGLU output so telemetry can observe it (a forward hook)
+        self.w_gate = linear(config.d_model, config.ffn_width)
+        self.w_up = linear(config.d_model, config.ffn_width)
+        self.w_down = linear(config.ffn_width, config.d_model)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        hidden = self.output(F.silu(self.w_gate(x)) * self.w_up(x))
-        if not self.smooth:
-            return self.w_down(hidden)
-        channel_scale = power_of_two_channel_amax(hidden)
-        return self.w_down(hidden / channel_scale, column_scale=channel_scale)
-
-
-def power_of_two_channel_amax(x: torch.Tensor) -> torch.Tensor:
-    """Per last-dim channel, the smallest power of two above its amax (1 for an all-zero channel)."""
-    amax = x.detach().abs().float().amax(dim=tuple(range(x.dim() - 1)))
-    _, exponent = torch.frexp(amax)  # amax = m * 2**e with 0.5 <= m < 1, so 2**e > amax
-    return torch.where(amax > 0, torch.ldexp(torch.ones_like(amax), exponent), torch.ones_like(amax))
-
-
-def dropout(x: torch.Tensor, p: float, generator: torch.Generator | None) -> torch.Tensor:
-    """Inverted dropout with its mask drawn from `generator` (the caller's, so replays can reproduce it).
-    Without a generator (evaluation) or at p = 0 it is the identity."""
-    if p == 0.0 or generator is None:
-        return x
-    keep = torch.rand(x.shape, generator=generator, device=x.device) >= p
-    return x * keep / (1.0 - p)
+        hidden = F.silu(self.w_gate(x)) * self.w_up(x)
+        return self.w_down(hidden, smooth_input=True) if self.smooth else self.w_down(hidden)
 
 
 class Block(nn.Module):
-    def __init__(self, config: ModelConfig, backend: PrecisionBackend):
+    def __init__(self, config: ModelConfig):
         super().__init__()
         self.attn_norm = RMSNorm(config.d_model, config.norm_eps)
-        self.attn = Attention(config, backend)
+        self.attn = Attention(config)
         self.ffn_norm = RMSNorm(config.d_model, config.norm_eps)
-        self.ffn = SwiGLU(config, backend)
-        self.dropout = config.dropout
+        self.ffn = SwiGLU(config)
+        self.dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                generator: torch.Generator | None = None) -> torch.Tensor:
-        x = x + dropout(self.attn(self.attn_norm(x), cos, sin), self.dropout, generator)
-        return x + dropout(self.ffn(self.ffn_norm(x)), self.dropout, generator)
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        x = x + self.dropout(self.attn(self.attn_norm(x), cos, sin))
+        return x + self.dropout(self.ffn(self.ffn_norm(x)))
 
 
 class Transformer(nn.Module):
-    def __init__(self, config: ModelConfig, backend: PrecisionBackend):
+    def __init__(self, config: ModelConfig):
         super().__init__()
         self.config = config
         self.tok_emb = nn.Embedding(config.vocab_size, config.d_model)
-        self.blocks = nn.ModuleList(Block(config, backend) for _ in range(config.num_layers))
+        self.dropout = nn.Dropout(config.dropout)
+        self.blocks = nn.ModuleList(Block(config) for _ in range(config.num_layers))
         self.norm = RMSNorm(config.d_model, config.norm_eps)
-        self.lm_head = backend.output_linear(config.d_model, config.vocab_size)
+        self.lm_head = linear(config.d_model, config.vocab_size)
         cos, sin = rope_tables(config.seq_len, config.d_model // config.num_heads, config.rope_theta)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
+        self._init_weights()
 
     @torch.no_grad()
-    def init_weights(self, seed: int) -> None:
+    def _init_weights(self) -> None:
         """Normal(0, init_std) everywhere; residual output projections scaled by 1/sqrt(2 * layers)."""
-        generator = torch.Generator().manual_seed(seed)
         residual_std = self.config.init_std / math.sqrt(2 * self.config.num_layers)
         for name, param in self.named_parameters():
             if param.dim() < 2:
                 continue  # norm gains stay 1
             std = residual_std if name.endswith(("wo.weight", "w_down.weight")) else self.config.init_std
-            values = torch.randn(param.shape, generator=generator) * std
-            param.copy_(values.to(param.device))
+            nn.init.normal_(param, std=std)
 
-    def forward(self, idx: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Logits; `generator` draws the dropout masks (training only: evaluation passes none)."""
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        """Logits (batch, seq, vocab)."""
         seq = idx.shape[1]
         cos, sin = self.rope_cos[:seq], self.rope_sin[:seq]
-        x = dropout(self.tok_emb(idx), self.config.dropout, generator)
+        x = self.dropout(self.tok_emb(idx))
         for block in self.blocks:
-            x = block(x, cos, sin, generator)
+            x = block(x, cos, sin)
         return self.lm_head(self.norm(x))
-
-    def loss(self, idx: torch.Tensor, targets: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        logits = self.forward(idx, generator)
-        return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1))

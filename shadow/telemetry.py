@@ -20,6 +20,7 @@ import math
 import torch
 from torch import nn
 
+from shadow.architecture import ModelStructure
 from shadow.config.job import Scaling
 from shadow.distributed import all_reduce_sum, max_across_ranks
 from shadow.precision.base import PrecisionBackend
@@ -29,9 +30,14 @@ from shadow.signals import block_key, operand_key
 
 
 class TelemetryCollector:
-    def __init__(self, model: nn.Module, backend: PrecisionBackend):
+    """Per block: activation amax and kurtosis of the block's output; where the block has a SwiGLU MLP
+    (`shadow/architecture.py`), the amax and crest factor of the SwiGLU output (its down projection's
+    input). A model without SwiGLU has no `swiglu/*` values at all, not zeros."""
+
+    def __init__(self, model: nn.Module, backend: PrecisionBackend, structure: ModelStructure):
         self.model = model
         self.backend = backend
+        self.structure = structure
         self.quantized_layers = {module: name for name, module in model.named_modules()
                                  if isinstance(module, EmulatedFp8Linear)}
         # the amax history and scales are the scaling state only under delayed scaling
@@ -46,9 +52,11 @@ class TelemetryCollector:
         self._maxes, self._sums = {}, {}
         self._scales_used = {name: layer.scale.detach().clone() for layer, name in self.quantized_layers.items()}
         handles = []
-        for index, block in enumerate(self.model.blocks):
-            handles.append(block.register_forward_hook(self._block_hook(index)))
-            handles.append(block.ffn.output.register_forward_hook(self._swiglu_hook(index)))
+        for index, block in enumerate(self.structure.blocks):
+            handles.append(block.module.register_forward_hook(self._block_hook(index)))
+            if block.swiglu_down is not None:
+                down = self.model.get_submodule(block.swiglu_down)
+                handles.append(down.register_forward_pre_hook(self._swiglu_hook(index)))
         observe = isinstance(self.backend, EmulatedBackend)
         if observe:
             self.backend.quantization_observer = self._on_quantization
@@ -68,10 +76,12 @@ class TelemetryCollector:
                 self._max(operand_key(name, role_name, "scale"), self._scales_used[name][role])
         maxes, sums = self._reduced()
         values: dict[str, float] = {}
-        for index in range(len(self.model.blocks)):
+        for index, block in enumerate(self.structure.blocks):
             act, swiglu = block_key("act", index, ""), block_key("swiglu", index, "")
             values[act + "amax"] = maxes[act + "amax"]
             values[act + "kurtosis"] = sums[act + "kurtosis_sum"] / sums[act + "tokens"]
+            if block.swiglu_down is None:
+                continue
             values[swiglu + "amax"] = maxes[swiglu + "amax"]
             rms = (sums[swiglu + "sumsq"] / sums[swiglu + "count"]) ** 0.5
             # an all-zero output has no outliers (0); a NaN rms stays NaN: non-finite activations are
@@ -111,9 +121,10 @@ class TelemetryCollector:
     def _block_hook(self, index: int):
         prefix = block_key("act", index, "")
 
-        def hook(_module, _inputs, output: torch.Tensor) -> None:
+        def hook(_module, _inputs, output) -> None:
+            hidden = output[0] if isinstance(output, tuple) else output  # Hugging Face layers return tuples
             with torch.no_grad():
-                x = output.detach().float()
+                x = hidden.detach().float()
                 self._max(prefix + "amax", x.abs().amax())
                 self._add(prefix + "kurtosis_sum", token_kurtosis(x).sum())
                 self._add(prefix + "tokens", x.new_tensor(x.numel() // x.shape[-1], dtype=torch.float64))
@@ -122,9 +133,9 @@ class TelemetryCollector:
     def _swiglu_hook(self, index: int):
         prefix = block_key("swiglu", index, "")
 
-        def hook(_module, _inputs, output: torch.Tensor) -> None:
+        def hook(_module, inputs: tuple) -> None:
             with torch.no_grad():
-                x = output.detach().float()
+                x = inputs[0].detach().float()
                 self._max(prefix + "amax", x.abs().amax())
                 self._add(prefix + "sumsq", x.pow(2).sum())
                 self._add(prefix + "count", x.new_tensor(x.numel(), dtype=torch.float64))

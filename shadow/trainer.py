@@ -13,11 +13,15 @@ With several ranks the model, gradients and optimizer state are sharded with FSD
 `load_checkpoint` reads any checkpoint into them through torch.distributed.checkpoint, whatever the
 world size that wrote it.
 
-Randomness (dropout masks) comes from the trainer's own generator, seeded with the job's seed and
-checkpointed as `rng.trainer`: every step draws one seed from it on every rank (so ranks stay in
-step), and micro-batch k of the global batch draws its masks from a generator seeded with that seed
-plus k. Masks therefore depend on the step's global micro-batch index, not on which rank computes it,
-so replays of any world size stay exact, and a checkpoint restored without its RNG state does not.
+Randomness (dropout masks, in the built-in model or the user's) comes from the trainer's own generator,
+seeded with the job's seed and checkpointed as `rng.trainer`: every step draws one seed from it on
+every rank (so ranks stay in step), and torch's global generator is seeded with that seed plus k
+before micro-batch k of the global batch runs. Masks therefore depend on the step's global micro-batch
+index, not on which rank computes it, so replays of any world size stay exact, and a checkpoint
+restored without its RNG state does not.
+
+The model is the job's (`model.factory`, or the built-in one), prepared by `shadow/precision/convert.py`;
+the trainer computes the loss from its logits, in fp32, the same way for every model.
 
 Every `telemetry.every_steps` steps, a step also records its telemetry (`shadow/telemetry.py`) into
 the row; reading it changes no number of the step.
@@ -49,9 +53,10 @@ from shadow.distributed import (
 )
 from shadow.layout import PICKLED_EXTRA_STATE, layout_of
 from shadow.memory_plan import device_capacity, plan_memory
-from shadow.model import Transformer
+from shadow.model_factory import check_output, next_token_loss
 from shadow.optim import build_optimizer, state_layout
 from shadow.precision import build_backend
+from shadow.precision.convert import prepare_model
 from shadow.records import StepRecord
 from shadow.snapshot import Snapshot
 from shadow.telemetry import TelemetryCollector
@@ -105,15 +110,18 @@ class Trainer:
         plan.check(*device_capacity(self.device, ranks_on_host=self.layout.world_size))  # before allocating
         self.checkpoint_group = init_group(self.layout, self.device)  # saves and loads run over it
         self.backend = build_backend(job.precision, self.device)
-        self.model = Transformer(job.model, self.backend).to(self.device)
-        self.model.init_weights(job.seed)  # the full weights on every rank, then each keeps its shards
-        shard_model(self.model, list(self.model.blocks), self.layout, self.device, forward_methods=("loss",))
+        prepared = prepare_model(job, self.backend)  # the full weights on every rank, then each keeps its shards
+        self.model = prepared.model.to(self.device)
+        self.structure, self.fp8_selection = prepared.structure, prepared.selection
+        with self.backend.not_recording():
+            check_output(self.model, job.model, self.device)
+        shard_model(self.model, [block.module for block in self.structure.blocks], self.layout, self.device)
         self.sharded = is_sharded(self.model)  # FSDP2 at world size > 1
-        if job.resources.compile:  # `loss` calls `forward` directly, so compile that (state_dict keys unchanged)
+        if job.resources.compile:  # compile `forward` in place, so state_dict keys stay unchanged
             self.model.forward = torch.compile(self.model.forward)
         self.data = StepData(job.data, job.model.seq_len, job.batch_size, job.model.vocab_size)
         self.optimizer = build_optimizer(job.optim, self.model)
-        self.telemetry = TelemetryCollector(self.model, self.backend)
+        self.telemetry = TelemetryCollector(self.model, self.backend, self.structure)
         self._param_names = {id(p): name for name, p in self.model.named_parameters()}
         self.checkpoint_layout = layout_of(self.model, self.optimizer, self.backend)  # what its checkpoints hold
         self.job_hash = job_hash(job)
@@ -143,15 +151,14 @@ class Trainer:
         every = self.job.telemetry.every_steps
         record_telemetry = every > 0 and step % every == 0
         step_seed = int(torch.randint(0, 2**62, (), generator=self.rng))
-        dropout = self.job.model.dropout > 0
         with self.telemetry.recording() if record_telemetry else contextlib.nullcontext():
             micro_batches = self.layout.my_micro_batches(inputs, targets)
             for index, (micro_inputs, micro_targets) in enumerate(micro_batches, self.layout.first_micro_batch):
                 if self.sharded:  # accumulate locally; reduce-scatter once, after this rank's last micro-batch
                     self.model.set_requires_gradient_sync(index == self.layout.first_micro_batch + len(micro_batches) - 1)
-                generator = torch.Generator(self.device).manual_seed(step_seed + index) if dropout else None
+                torch.manual_seed(step_seed + index)  # dropout masks of micro-batch `index`, whichever rank runs it
                 with self.backend.autocast():
-                    loss = self.model.loss(micro_inputs.to(self.device), micro_targets.to(self.device), generator)
+                    loss = next_token_loss(self.model, micro_inputs.to(self.device), micro_targets.to(self.device))
                 if step == self.nan_loss_at_step:
                     loss = loss * float("nan")
                 (loss / num_micro_batches).backward()
@@ -181,11 +188,15 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self, num_batches: int) -> float:
-        """Mean loss over the fixed held-out batches, in the current precision; state is untouched."""
+        """Mean loss over the fixed held-out batches, in the current precision (no dropout); state is untouched."""
         losses = []
-        with self.backend.not_recording(), self.backend.autocast():
-            for inputs, targets in self.data.eval_batches(num_batches):
-                losses.append(float(self.model.loss(inputs.to(self.device), targets.to(self.device))))
+        self.model.eval()
+        try:
+            with self.backend.not_recording(), self.backend.autocast():
+                for inputs, targets in self.data.eval_batches(num_batches):
+                    losses.append(float(next_token_loss(self.model, inputs.to(self.device), targets.to(self.device))))
+        finally:
+            self.model.train()
         return sum(losses) / len(losses)
 
     def checkpoint_state(self) -> dict[str, torch.Tensor]:

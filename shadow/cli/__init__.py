@@ -10,6 +10,7 @@ import argparse
 import sys
 
 from shadow.config import ConfigError
+from shadow.model_errors import ModelError
 
 
 def _commands():
@@ -32,7 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except ConfigError as exc:
+    except (ConfigError, ModelError) as exc:
         print(str(exc), file=sys.stderr)
         return 2
 

@@ -9,12 +9,14 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 from enum import Enum
+from typing import Any
 
 from shadow.config.loader import load_config
 
 # eXmY: X exponent bits, Y mantissa bits. Emulation rounds through fp32, so X <= 8 and Y <= 22.
 FORMAT_PATTERN = re.compile(r"^e([1-8])m([0-9]|1[0-9]|2[0-2])$")
 NAMED_FORMATS = ("hybrid", "e4m3", "e5m2")
+FACTORY_PATTERN = re.compile(r"^[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*:[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*$")
 
 
 class PrecisionMode(str, Enum):
@@ -52,6 +54,16 @@ class DataSource(str, Enum):
 
 @dataclass
 class ModelConfig:
+    """The model: shadow's built-in LLaMA-style decoder (the architecture fields), or your own (`factory`).
+
+    `seq_len` and `vocab_size` describe the data either way. With a factory the architecture fields
+    are not used: your `kwargs` describe the model (see docs/models.md).
+    """
+
+    factory: str = ""  # "package.module:function" returning your nn.Module; "" = the built-in model
+    kwargs: dict[str, Any] = field(default_factory=dict)  # keyword arguments the factory is called with
+    block_class: str = ""  # class name of the repeated block (FSDP2 shards per block; bf16_first/last_layers
+    # count blocks); "" = found: the longest list of modules of one class (the built-in model's `Block`)
     num_layers: int = 4
     d_model: int = 128
     num_heads: int = 4
@@ -69,6 +81,14 @@ class ModelConfig:
 
     def problems(self):
         found = []
+        if self.factory and not FACTORY_PATTERN.match(self.factory):
+            found.append(("factory", self.factory, "'package.module:function' (an importable module, a colon, "
+                          "a callable in it)"))
+        if self.kwargs and not self.factory:
+            found.append(("kwargs", self.kwargs, "no kwargs without a factory (the built-in model takes the "
+                          "architecture fields)"))
+        if self.factory and self.smooth_swiglu:
+            found.append(("smooth_swiglu", True, "false with a factory (Smooth-SwiGLU is a built-in model option)"))
         for name in ("num_layers", "d_model", "num_heads", "seq_len", "vocab_size"):
             if getattr(self, name) < 1:
                 found.append((name, getattr(self, name), "a positive integer"))
@@ -169,6 +189,32 @@ class FaultConfig:
 
 
 @dataclass
+class Fp8LayersConfig:
+    """Which linear layers run in FP8 (docs/precision.md, "Choosing FP8 layers").
+
+    Candidates are the `nn.Linear` layers inside the model's repeated blocks; every other linear layer
+    (the output head, projections outside the blocks) runs in BF16. In BF16 mode every layer is BF16.
+    """
+
+    auto: bool = False  # keep in BF16 the layers whose GEMMs are too small for FP8 to gain (torchao's
+    # auto-filter thresholds for the backend's recipe); GPU jobs want it, the tiny CPU jobs would have no FP8 left
+    include: list[str] = field(default_factory=list)  # fnmatch patterns on module names ("*.mlp.*"); [] = all
+    exclude: list[str] = field(default_factory=list)  # patterns of layers kept in BF16
+    bf16_first_layers: int = 0  # the first N blocks entirely in BF16 (Megatron's --first-last-layers-bf16)
+    bf16_last_layers: int = 0  # the last N blocks entirely in BF16
+
+    def problems(self):
+        found = []
+        for name in ("bf16_first_layers", "bf16_last_layers"):
+            if getattr(self, name) < 0:
+                found.append((name, getattr(self, name), "a non-negative integer"))
+        for name in ("include", "exclude"):
+            if any(not pattern for pattern in getattr(self, name)):
+                found.append((name, getattr(self, name), "non-empty fnmatch patterns"))
+        return found
+
+
+@dataclass
 class PrecisionConfig:
     mode: PrecisionMode = PrecisionMode.FP8  # precision the job starts in
     backend: Fp8Backend = Fp8Backend.EMULATED
@@ -178,6 +224,7 @@ class PrecisionConfig:
     amax_compute: AmaxCompute = AmaxCompute.MAX  # delayed scaling: how the history becomes one amax
     margin: int = 0  # scale = fp8_max / amax / 2**margin
     torchao_recipe: str = "tensorwise"  # backend torchao: tensorwise or rowwise (current scaling only)
+    fp8_layers: Fp8LayersConfig = field(default_factory=Fp8LayersConfig)
     fault: FaultConfig = field(default_factory=FaultConfig)
 
     def problems(self):

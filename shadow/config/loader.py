@@ -161,6 +161,8 @@ def _type_name(tp: Any) -> str:
     if origin in (list, tuple):
         args = typing.get_args(tp)
         return f"a list of {_type_name(args[0])}" if args else "a list"
+    if origin is dict:
+        return "a mapping of names to values"
     if isinstance(tp, type) and issubclass(tp, enum.Enum):
         return "one of " + ", ".join(repr(m.value) for m in tp)
     if isinstance(tp, type):
@@ -190,6 +192,10 @@ def _check_value(tp: Any, value: Any) -> Any:
             raise ValueError(_type_name(tp))
         (item_tp,) = typing.get_args(tp)[:1] or (Any,)
         return [_check_value(item_tp, v) for v in value]
+    if origin is dict:  # free-form keyword arguments (a model factory's): string keys, YAML values
+        if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+            raise ValueError(_type_name(tp))
+        return value
     if tp is Any:
         return value
     if isinstance(tp, type) and issubclass(tp, enum.Enum):
@@ -247,9 +253,20 @@ def _merge(schema: type, base: dict, data: dict, source: str, prefix: str, probl
                 _merge(item_tp, base[key][-1], item, source, f"{full_key}[{index}].", problems)
             continue
         try:
-            base[key] = _check_value(tp, value)
+            checked = _check_value(tp, value)
         except ValueError as exc:
             problems.append(ConfigProblem(source, full_key, value, str(exc)))
+            continue
+        # a mapping is merged key by key, so `--set model.kwargs.n_layer=4` keeps the file's other kwargs
+        base[key] = _merged_mapping(base[key], checked) if typing.get_origin(tp) is dict else checked
+
+
+def _merged_mapping(base: dict, data: dict) -> dict:
+    merged = dict(base)
+    for key, value in data.items():
+        both_mappings = isinstance(value, dict) and isinstance(merged.get(key), dict)
+        merged[key] = _merged_mapping(merged[key], value) if both_mappings else value
+    return merged
 
 
 def _dataclass_items(tp: Any) -> type | None:

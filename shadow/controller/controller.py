@@ -39,6 +39,7 @@ from shadow.controller.resume import ResumePoint
 from shadow.controller.state import ALLOWED, Phase, RunState
 from shadow.distributed import exact_across_world_sizes
 from shadow.memory_plan import plan_memory
+from shadow.precision.convert import fp8_layers_report
 from shadow.controller.summary import build_summary
 from shadow.controller.verification import Verification
 from shadow.controller.windows import Replay
@@ -182,6 +183,7 @@ class Controller:
     def _start_main(self) -> None:
         self._check_replay_layout()
         self._emit_memory_plan()
+        self.emit("fp8_layers", **fp8_layers_report(self.job))
         inert = self.verification.inert_trigger_rules(self.policy)
         if inert:  # a guard that can never fire must not look like one
             raise ControllerError("; ".join(inert))

@@ -1,14 +1,15 @@
 """The interface every precision backend implements, and the BF16 path they share.
 
-A backend builds the model's GEMM layers (`linear`) and owns the run-time precision mode. The mode is
-switched between steps (`set_mode`), never by rebuilding the model or the optimizer, so a switch lands
-on an exact step boundary and keeps every tensor in place.
+A backend converts a model's linear layers (`convert`: the selected ones into its FP8 layer, every
+other one into `Bf16Linear`) and owns the run-time precision mode. The mode is switched between steps
+(`set_mode`), never by rebuilding the model or the optimizer, so a switch lands on an exact step
+boundary and keeps every tensor in place. An FP8 layer in BF16 mode runs the shared BF16 path.
 
 BF16 numerics: on GPU, real `torch.autocast(dtype=bfloat16)`. On CPU (no fast bf16 here) the same
 numbers are produced over fp32 GEMMs: operands rounded to bf16, fp32 GEMM, result rounded to bf16, as
 a bf16 tensor-core GEMM with fp32 accumulation does. Non-GEMM ops stay fp32 in both, as under autocast.
-The output projection (lm head) always runs in BF16: standard FP8 practice keeps the last layer out of
-FP8.
+Linear layers outside the model's blocks (the lm head) always run in BF16: standard FP8 practice
+keeps the last layer out of FP8.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from torch import nn
 
 from shadow.config.job import PrecisionConfig, PrecisionMode
 from shadow.precision.formats import round_to_bf16
+from shadow.precision.selection import Fp8Selection
 
 class BackendUnavailable(RuntimeError):
     """The selected backend cannot run here; the message says what to install or use instead."""
@@ -32,39 +34,46 @@ AmaxReducer = Callable[[torch.Tensor], torch.Tensor]  # max-reduces amax across 
 
 
 class _Bf16EmulatedLinear(torch.autograd.Function):
-    """y = bf16(bf16(x) @ bf16(w).T); gradients rounded the way autocast's bf16 GEMMs round them."""
+    """y = bf16(bf16(x) @ bf16(w).T + bf16(b)); gradients rounded the way autocast's bf16 GEMMs round them."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         x_bf16, w_bf16 = round_to_bf16(x), round_to_bf16(weight)
         ctx.save_for_backward(x_bf16, w_bf16)
-        return round_to_bf16(F.linear(x_bf16, w_bf16))
+        ctx.has_bias = bias is not None
+        return round_to_bf16(F.linear(x_bf16, w_bf16, None if bias is None else round_to_bf16(bias)))
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
         x_bf16, w_bf16 = ctx.saved_tensors
         grad_bf16 = round_to_bf16(grad_out)
         grad_x = round_to_bf16(grad_bf16 @ w_bf16)
-        grad_w = round_to_bf16(grad_bf16.reshape(-1, grad_bf16.shape[-1]).T @ x_bf16.reshape(-1, x_bf16.shape[-1]))
-        return grad_x, grad_w
+        rows = grad_bf16.reshape(-1, grad_bf16.shape[-1])
+        grad_w = round_to_bf16(rows.T @ x_bf16.reshape(-1, x_bf16.shape[-1]))
+        grad_b = round_to_bf16(rows.sum(dim=0)) if ctx.has_bias else None
+        return grad_x, grad_w, grad_b
 
 
-def bf16_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+def bf16_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """A BF16 GEMM: emulated on CPU, real under the caller's autocast on GPU."""
     if x.device.type == "cpu":
-        return _Bf16EmulatedLinear.apply(x, weight)
-    return F.linear(x, weight)
+        return _Bf16EmulatedLinear.apply(x, weight, bias)
+    return F.linear(x, weight, bias)
 
 
 class Bf16Linear(nn.Module):
-    """A bias-free linear layer that is always BF16 (the lm head)."""
+    """A linear layer that is always BF16 (the lm head, layers not selected for FP8). It takes over the
+    parameters of the `nn.Linear` it replaces, so tied weights stay tied."""
 
-    def __init__(self, in_features: int, out_features: int):
+    def __init__(self, linear: nn.Linear):
         super().__init__()
-        self.weight = nn.Parameter(torch.empty(out_features, in_features))
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.weight = linear.weight
+        self.bias = linear.bias
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return bf16_linear(x, self.weight)
+    def forward(self, x: torch.Tensor, smooth_input: bool = False) -> torch.Tensor:
+        # Smooth-SwiGLU's power-of-two channel scales cancel exactly in BF16 (see EmulatedFp8Linear): skip them
+        return bf16_linear(x, self.weight, self.bias)
 
 
 class PrecisionBackend(ABC):
@@ -84,15 +93,16 @@ class PrecisionBackend(ABC):
         self.recording = True  # record amax statistics; off during evaluation (see `not_recording`)
 
     @abstractmethod
-    def linear(self, in_features: int, out_features: int) -> nn.Module:
-        """A bias-free GEMM layer that runs in the current mode (FP8 or BF16)."""
+    def fp8_linear(self, linear: nn.Linear) -> nn.Module:
+        """The backend's layer replacing `linear`: FP8 GEMMs in FP8 mode, the BF16 path in BF16 mode."""
 
-    def output_linear(self, in_features: int, out_features: int) -> nn.Module:
-        return Bf16Linear(in_features, out_features)
-
-    def round_activation(self, x: torch.Tensor) -> torch.Tensor:
-        """Round a tensor that autocast would hold in bf16 (attention inputs/outputs) on CPU."""
-        return round_to_bf16(x) if self.device.type == "cpu" else x
+    def convert(self, model: nn.Module, selection: Fp8Selection) -> None:
+        """Swap every linear layer the selection lists: FP8 layers for its FP8 choices, BF16 for the rest."""
+        for layer in selection.layers:
+            parent_name, _, attribute = layer.name.rpartition(".")
+            linear = model.get_submodule(layer.name)
+            replacement = self.fp8_linear(linear) if layer.fp8 else Bf16Linear(linear)
+            setattr(model.get_submodule(parent_name), attribute, replacement)
 
     def autocast(self) -> contextlib.AbstractContextManager:
         """Context for the forward pass of a step."""

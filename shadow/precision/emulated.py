@@ -30,6 +30,13 @@ ROLE_INPUT, ROLE_WEIGHT, ROLE_GRAD_OUTPUT = 0, 1, 2
 ROLE_NAMES = ("input", "weight", "grad_output")
 
 
+def power_of_two_channel_amax(x: torch.Tensor) -> torch.Tensor:
+    """Per last-dim channel, the smallest power of two above its amax (1 for an all-zero channel)."""
+    amax = x.detach().abs().float().amax(dim=tuple(range(x.dim() - 1)))
+    _, exponent = torch.frexp(amax)  # amax = m * 2**e with 0.5 <= m < 1, so 2**e > amax
+    return torch.where(amax > 0, torch.ldexp(torch.ones_like(amax), exponent), torch.ones_like(amax))
+
+
 def scale_from_amax(
     amax: torch.Tensor, fmt_max: float | torch.Tensor, margin: int, fallback: torch.Tensor
 ) -> torch.Tensor:
@@ -41,15 +48,17 @@ def scale_from_amax(
 
 class _Fp8EmulatedLinear(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, layer: "EmulatedFp8Linear") -> torch.Tensor:
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                layer: "EmulatedFp8Linear") -> torch.Tensor:
         backend = layer.backend
         with torch.autocast(x.device.type, enabled=False):
             x32, w32 = x.float(), weight.float()
             x_q = layer.quantize(x32, ROLE_INPUT, backend.recipe.forward)
             w_q = layer.quantize(w32, ROLE_WEIGHT, backend.recipe.forward)
             ctx.save_for_backward(x_q, w_q)
-            ctx.layer = layer
-            return round_to_bf16(F.linear(x_q, w_q))
+            ctx.layer, ctx.has_bias = layer, bias is not None
+            # the bias joins the fp32 accumulation and the one rounding to bf16, as in a fused GEMM epilogue
+            return round_to_bf16(F.linear(x_q, w_q, None if bias is None else round_to_bf16(bias.float())))
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
@@ -57,22 +66,29 @@ class _Fp8EmulatedLinear(torch.autograd.Function):
         layer = ctx.layer
         g_q = layer.quantize(grad_out.float(), ROLE_GRAD_OUTPUT, layer.backend.recipe.backward)
         grad_x = round_to_bf16(g_q @ w_q)
-        grad_w = round_to_bf16(g_q.reshape(-1, g_q.shape[-1]).T @ x_q.reshape(-1, x_q.shape[-1]))
-        return grad_x, grad_w, None
+        rows = g_q.reshape(-1, g_q.shape[-1])
+        grad_w = round_to_bf16(rows.T @ x_q.reshape(-1, x_q.shape[-1]))
+        # the bias gradient comes from the unquantized gradient, as TE's fused cast + bgrad computes it
+        grad_b = round_to_bf16(grad_out.float().reshape(-1, g_q.shape[-1]).sum(dim=0)) if ctx.has_bias else None
+        return grad_x, grad_w, grad_b, None
 
 
 class EmulatedFp8Linear(nn.Module):
-    """A bias-free linear layer with per-role FP8 scaling state kept in (checkpointed) buffers."""
+    """A linear layer with per-role FP8 scaling state kept in (checkpointed) buffers. It takes over the
+    parameters of the `nn.Linear` it replaces, so tied weights stay tied."""
 
-    def __init__(self, in_features: int, out_features: int, backend: "EmulatedBackend"):
+    def __init__(self, linear: nn.Linear, backend: "EmulatedBackend"):
         super().__init__()
         self.backend = backend
-        self.weight = nn.Parameter(torch.empty(out_features, in_features))
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.weight = linear.weight
+        self.bias = linear.bias
         history_len = backend.config.amax_history_len
-        self.register_buffer("amax_history", torch.zeros(len(ROLE_NAMES), history_len))
-        self.register_buffer("scale", torch.ones(len(ROLE_NAMES)))
+        device = linear.weight.device
+        self.register_buffer("amax_history", torch.zeros(len(ROLE_NAMES), history_len, device=device))
+        self.register_buffer("scale", torch.ones(len(ROLE_NAMES), device=device))
         # Largest amax seen in the current step, per role; folded into the history by `end_step`.
-        self.register_buffer("step_amax", torch.zeros(len(ROLE_NAMES)), persistent=False)
+        self.register_buffer("step_amax", torch.zeros(len(ROLE_NAMES), device=device), persistent=False)
 
     def _record_amax(self, t: torch.Tensor, role: int) -> torch.Tensor:
         amax = t.detach().abs().amax().float()
@@ -96,16 +112,21 @@ class EmulatedFp8Linear(nn.Module):
             self.backend.quantization_observer(self, role, scaled, quantized, fmt)
         return quantized / scale
 
-    def forward(self, x: torch.Tensor, column_scale: torch.Tensor | None = None) -> torch.Tensor:
-        """`column_scale` multiplies the weight's columns (input channels) before quantization: the
-        caller divided those channels of `x` by it (Smooth-SwiGLU), so the product is unchanged."""
-        weight = self.weight if column_scale is None else self.weight * column_scale
+    def forward(self, x: torch.Tensor, smooth_input: bool = False) -> torch.Tensor:
+        """`smooth_input` (Smooth-SwiGLU, see shadow/model.py): in FP8 mode each input channel is divided by
+        its power-of-two amax and the weight's matching column multiplied by it before quantization, so
+        the product is unchanged while no channel's outliers set the input's scale. In BF16 the scales
+        cancel exactly (powers of two), so BF16 mode skips them."""
         if self.backend.mode is PrecisionMode.FP8:
-            return _Fp8EmulatedLinear.apply(x, weight, self)
+            weight = self.weight
+            if smooth_input:
+                channel_scale = power_of_two_channel_amax(x)
+                x, weight = x / channel_scale, weight * channel_scale
+            return _Fp8EmulatedLinear.apply(x, weight, self.bias, self)
         if self.backend.calibrating:
             self._record_amax(x, ROLE_INPUT)
-            self._record_amax(weight, ROLE_WEIGHT)
-        out = bf16_linear(x, weight)
+            self._record_amax(self.weight, ROLE_WEIGHT)
+        out = bf16_linear(x, self.weight, self.bias)
         if self.backend.calibrating and out.requires_grad:
             out.register_hook(self._record_grad_amax)
         return out
@@ -153,8 +174,8 @@ class EmulatedBackend(PrecisionBackend):
             return fault.scale_factor
         return 1.0
 
-    def linear(self, in_features: int, out_features: int) -> nn.Module:
-        return EmulatedFp8Linear(in_features, out_features, self)
+    def fp8_linear(self, linear: nn.Linear) -> nn.Module:
+        return EmulatedFp8Linear(linear, self)
 
     def end_step(self, model: nn.Module, reduce_amax: AmaxReducer | None = None) -> None:
         layers = [m for m in model.modules() if isinstance(m, EmulatedFp8Linear)]

@@ -59,8 +59,15 @@ class TransformerEngineBackend(PrecisionBackend):
         else:
             self.recipe = recipe.Float8CurrentScaling(fp8_format=fp8_format)
 
-    def linear(self, in_features: int, out_features: int) -> nn.Module:
-        return self.te.Linear(in_features, out_features, bias=False, params_dtype=torch.float32)
+    def fp8_linear(self, linear: nn.Linear) -> nn.Module:
+        """A `te.Linear` holding a copy of the layer's weights (TE allocates its own parameters, on the GPU)."""
+        layer = self.te.Linear(linear.in_features, linear.out_features, bias=linear.bias is not None,
+                               params_dtype=torch.float32, device=self.device)
+        with torch.no_grad():
+            layer.weight.copy_(linear.weight)
+            if linear.bias is not None:
+                layer.bias.copy_(linear.bias)
+        return layer
 
     def autocast(self) -> contextlib.AbstractContextManager:
         stack = contextlib.ExitStack()

@@ -44,8 +44,13 @@ class TorchaoBackend(PrecisionBackend):
         self.emulate = emulate
         self._layer_cls = _make_layer_class(float8_linear_cls)
 
-    def linear(self, in_features: int, out_features: int) -> nn.Module:
-        return self._layer_cls(in_features, out_features, bias=False, config=self.float8_config, backend=self)
+    def fp8_linear(self, linear: nn.Linear) -> nn.Module:
+        """torchao's own swap (`Float8Linear.from_float`): the new layer takes over the parameters."""
+        with torch.device("meta"):
+            layer = self._layer_cls(linear.in_features, linear.out_features, bias=False, config=self.float8_config,
+                                    backend=self)
+        layer.weight, layer.bias = linear.weight, linear.bias
+        return layer
 
     def describe(self) -> dict:
         return {**super().describe(), "torchao_recipe": self.config.torchao_recipe, "emulate": self.emulate}
@@ -59,7 +64,7 @@ def _make_layer_class(float8_linear_cls):
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             if self.backend.mode is PrecisionMode.BF16:
-                return bf16_linear(x, self.weight)
+                return bf16_linear(x, self.weight, self.bias)
             out = super().forward(x)
             # On CPU torchao emulates in fp32; round to bf16 like the GPU GEMM's bf16 output.
             return round_to_bf16(out) if x.device.type == "cpu" else out

@@ -221,6 +221,13 @@ class MlflowTracker(RunCallback):
                               "shadow.policy_path": event.get("policy_path"),
                               "shadow.store_uri": redact(str(event.get("store_uri")))})
 
+    def _on_fp8_layers(self, event: dict, now: int) -> None:
+        if self.resumed:  # logged by the run's first driver; params cannot change
+            return
+        self._log(MAIN, params=keys.flatten_params("model_layers", {
+            "factory": event["factory"], "block_class": event["block_class"], "num_blocks": event["num_blocks"],
+            "num_fp8": event["num_fp8"], "num_linear": event["num_linear"], "fp8": ",".join(event["fp8"])}))
+
     def _on_controller_phase(self, event: dict, now: int) -> None:
         self._log(MAIN, tags={"shadow.phase": event["new"]})
 

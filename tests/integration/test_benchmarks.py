@@ -12,7 +12,6 @@ import subprocess
 import sys
 
 import pytest
-import torch
 
 from conftest import REPO
 
@@ -115,10 +114,9 @@ def test_fp8_options(tmp_path):
     # FP8 moments 1 + 1, plus an fp32 scale per moment per tensor; both keep an fp32 step count per tensor
     from shadow.config import load_job
     from shadow.model import Transformer
-    from shadow.precision import build_backend
 
     job = load_job(str(REPO / "jobs" / "tiny.yaml"))
-    params = list(Transformer(job.model, build_backend(job.precision, torch.device("cpu"))).parameters())
+    params = list(Transformer(job.model).parameters())
     num_params, num_tensors = sum(p.numel() for p in params), len(params)
     assert moments["state_bytes_fp32_moments"] == 8 * num_params + 4 * num_tensors
     assert moments["state_bytes_fp8_moments"] == 2 * num_params + 4 * num_tensors + 2 * 4 * num_tensors

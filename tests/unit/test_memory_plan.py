@@ -6,15 +6,15 @@ from conftest import REPO
 
 from shadow.config.job import load_job
 from shadow.memory_plan import GIB, MemoryPlanError, plan_memory
-from shadow.model import Transformer
 from shadow.precision import build_backend
+from shadow.precision.convert import prepare_model
 
 H100_BYTES = 80 * GIB
 
 
 def test_parameter_count_is_the_models():
     job = load_job(str(REPO / "jobs/tiny.yaml"))
-    model = Transformer(job.model, build_backend(job.precision, torch.device("cpu")))
+    model = prepare_model(job, build_backend(job.precision, torch.device("cpu"))).model
     plan = plan_memory(job, 1, 1, torch.device("cpu"))
     assert plan.num_params == sum(p.numel() for p in model.parameters())
     assert plan.params_bytes == plan.grads_bytes == 4 * plan.num_params  # fp32, nothing gathered at 1 rank

@@ -1,21 +1,20 @@
-"""Model structure: causal, deterministic init, GEMMs from the backend, lm head in BF16."""
+"""Model structure: causal, deterministic init, GEMMs converted by the backend, lm head in BF16."""
 
 import torch
 
 from shadow.config import load_job
-from shadow.model import Transformer
 from shadow.precision import build_backend
 from shadow.precision.base import Bf16Linear
+from shadow.precision.convert import prepare_model
 from shadow.precision.emulated import EmulatedFp8Linear
 
 CPU = torch.device("cpu")
 
 
 def _model(seed=0, *extra):
-    job = load_job(None, ["model.num_layers=2", "model.d_model=32", "model.num_heads=2", "model.seq_len=16", *extra])
-    model = Transformer(job.model, build_backend(job.precision, CPU))
-    model.init_weights(seed)
-    return model
+    job = load_job(None, ["model.num_layers=2", "model.d_model=32", "model.num_heads=2", "model.seq_len=16",
+                          f"seed={seed}", *extra])
+    return prepare_model(job, build_backend(job.precision, CPU)).model
 
 
 def test_causal_future_tokens_do_not_change_earlier_logits():
@@ -29,15 +28,21 @@ def test_causal_future_tokens_do_not_change_earlier_logits():
     assert not torch.equal(a[:, 10:], b[:, 10:])
 
 
-def test_dropout_masks_come_from_the_generator_and_evaluation_has_none():
+def _seeded(model, idx, seed):
+    torch.manual_seed(seed)  # as the trainer seeds each micro-batch
+    return model(idx)
+
+
+def test_dropout_masks_come_from_the_seeded_generator_and_evaluation_has_none():
     plain, dropping = _model(0), _model(0, "model.dropout=0.2")
     idx = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        assert torch.equal(dropping(idx), plain(idx))  # no generator (evaluation): no dropout
-        masked = dropping(idx, torch.Generator().manual_seed(7))
-        assert torch.equal(dropping(idx, torch.Generator().manual_seed(7)), masked)  # same stream, same masks
-        assert not torch.equal(dropping(idx, torch.Generator().manual_seed(8)), masked)
+        masked = _seeded(dropping, idx, 7)
+        assert torch.equal(_seeded(dropping, idx, 7), masked)  # same seed, same masks
+        assert not torch.equal(_seeded(dropping, idx, 8), masked)
         assert not torch.equal(masked, plain(idx))
+        dropping.eval()
+        assert torch.equal(dropping(idx), plain(idx))  # evaluation: no dropout
 
 
 def test_init_is_deterministic_per_seed():

@@ -16,7 +16,7 @@ CPU = torch.device("cpu")
 def _layer(**precision):
     config = load_job(None, [f"precision.{k}={v}" for k, v in precision.items()]).precision
     backend = build_backend(config, CPU)
-    layer = backend.linear(8, 4)
+    layer = backend.fp8_linear(torch.nn.Linear(8, 4, bias=False))
     torch.nn.init.normal_(layer.weight, std=0.5, generator=torch.Generator().manual_seed(0))
     return backend, layer
 
@@ -137,7 +137,7 @@ def test_te_backend_refuses_cpu_with_a_message_naming_emulated():
 def test_torchao_backend_runs_float8_on_cpu_with_emulation():
     config = load_job(None, ["precision.backend=torchao", "precision.scaling=current"]).precision
     backend = build_backend(config, CPU)
-    layer = backend.linear(32, 16)
+    layer = backend.fp8_linear(torch.nn.Linear(32, 16, bias=False))
     torch.nn.init.normal_(layer.weight, std=0.2)
     x = torch.randn(8, 32)
     fp8_out = layer(x)

@@ -5,8 +5,10 @@ import pytest
 import torch
 
 from shadow.config import load_job
-from shadow.model import Transformer, power_of_two_channel_amax
+from shadow.model_factory import next_token_loss
 from shadow.precision import build_backend
+from shadow.precision.convert import prepare_model
+from shadow.precision.emulated import power_of_two_channel_amax
 from shadow.telemetry import TelemetryCollector
 
 CPU = torch.device("cpu")
@@ -17,17 +19,16 @@ def _model(smooth: bool, mode: str, scaling: str = "current"):
     job = load_job(None, SMALL + [f"model.smooth_swiglu={str(smooth).lower()}", f"precision.mode={mode}",
                                   f"precision.scaling={scaling}"])
     backend = build_backend(job.precision, CPU)
-    model = Transformer(job.model, backend)
-    model.init_weights(0)
+    prepared = prepare_model(job, backend)
     with torch.no_grad():  # an outlier channel in each SwiGLU output, as late in long trainings
-        for block in model.blocks:
+        for block in prepared.model.blocks:
             block.ffn.w_up.weight[3] *= 300.0
-    return model, backend
+    return prepared, backend
 
 
 def _loss_and_grads(model):
     idx = torch.randint(0, 256, (4, 16), generator=torch.Generator().manual_seed(1))
-    loss = model.loss(idx[:, :-1], idx[:, 1:])
+    loss = next_token_loss(model, idx[:, :-1], idx[:, 1:])
     loss.backward()
     return loss.detach(), {n: p.grad for n, p in model.named_parameters()}
 
@@ -41,8 +42,8 @@ def test_power_of_two_scale_is_exact_and_above_each_channel_amax():
 
 @pytest.mark.parametrize("mode", ["bf16", "fp8"])
 def test_bf16_is_bit_identical_and_fp8_changes(mode):
-    plain_loss, plain_grads = _loss_and_grads(_model(False, mode)[0])
-    smooth_loss, smooth_grads = _loss_and_grads(_model(True, mode)[0])
+    plain_loss, plain_grads = _loss_and_grads(_model(False, mode)[0].model)
+    smooth_loss, smooth_grads = _loss_and_grads(_model(True, mode)[0].model)
     same = torch.equal(plain_loss, smooth_loss) and all(
         torch.equal(plain_grads[n], smooth_grads[n]) for n in plain_grads)
     assert same == (mode == "bf16")
@@ -55,11 +56,11 @@ def test_fp8_w_down_input_has_no_outlier_channel():
     is no longer set by one channel, so the small channels keep their precision."""
     stats = {}
     for smooth in (False, True):
-        model, backend = _model(smooth, "fp8", "delayed")  # delayed scaling reports the operand amax
-        collector = TelemetryCollector(model, backend)
+        prepared, backend = _model(smooth, "fp8", "delayed")  # delayed scaling reports the operand amax
+        collector = TelemetryCollector(prepared.model, backend, prepared.structure)
         with collector.recording():
-            _loss_and_grads(model)
-        backend.end_step(model)
+            _loss_and_grads(prepared.model)
+        backend.end_step(prepared.model)
         stats[smooth] = collector.finish()
     key = "fp8/blocks.0.ffn.w_down/input/amax"
     assert 0.5 <= stats[True][key] < 1.0 < stats[False][key]

@@ -28,10 +28,12 @@ class FakeMeta:
 
 
 class FakeTeLinear(torch.nn.Module):
-    def __init__(self, in_features, out_features, bias=True, params_dtype=None):
+    def __init__(self, in_features, out_features, bias=True, params_dtype=None, device="cuda"):
         super().__init__()
-        assert bias is False and params_dtype == torch.float32
-        self.weight = torch.nn.Parameter(torch.zeros(out_features, in_features))
+        assert params_dtype == torch.float32 and device == CUDA  # master weights in fp32, on the GPU
+        self.in_features, self.out_features = in_features, out_features
+        self.weight = torch.nn.Parameter(torch.zeros(out_features, in_features))  # (on the CPU: no GPU here)
+        self.bias = torch.nn.Parameter(torch.zeros(out_features)) if bias else None
         self.fp8_meta = {}
 
     def init_fp8_metadata(self):
@@ -77,6 +79,14 @@ def fake_te(monkeypatch):
     return FAKE
 
 
+def _te_layer(backend):
+    return backend.fp8_linear(torch.nn.Linear(4, 4, bias=False))
+
+
+def _two_layers(backend):
+    return torch.nn.Sequential(_te_layer(backend), _te_layer(backend))
+
+
 def _backend(*overrides):
     return build_backend(load_job(None, ["precision.backend=te", *overrides]).precision, CUDA)
 
@@ -107,7 +117,7 @@ def test_autocast_enables_fp8_or_calibrates_per_mode(fake_te):
 
 def test_scaling_state_round_trips_as_plain_tensors(fake_te):
     backend = _backend()
-    model = torch.nn.Sequential(backend.linear(4, 4), backend.linear(4, 4))
+    model = _two_layers(backend)
     with backend.autocast():
         for module in model:
             module.init_fp8_metadata()
@@ -118,7 +128,7 @@ def test_scaling_state_round_trips_as_plain_tensors(fake_te):
                              for t in ("scale", "amax_history")}
     assert all(isinstance(t, torch.Tensor) and t.dtype == torch.float32 for t in exported.values())
 
-    fresh = torch.nn.Sequential(backend.linear(4, 4), backend.linear(4, 4))  # metadata not created yet
+    fresh = _two_layers(backend)  # metadata not created yet
     backend.load_extra_state(fresh, exported)
     assert torch.equal(fresh[1].fp8_meta["scaling_fwd"].scale, torch.full((3,), 7.0))
     assert torch.equal(fresh[1].fp8_meta["scaling_bwd"].amax_history, torch.full((4, 2), 0.5))
@@ -132,21 +142,21 @@ def test_saved_scaling_state_without_a_matching_layer_is_an_error(fake_te):
     """A saved tensor that finds no TE layer (another model, another layer selection) would leave the
     scale it stands for at its default and change the numbers: an error naming it, not a skip."""
     backend = _backend()
-    model = torch.nn.Sequential(backend.linear(4, 4), backend.linear(4, 4))
+    model = _two_layers(backend)
     with backend.autocast():
         for module in model:
             module.init_fp8_metadata()
     exported = backend.extra_state(model)
-    smaller = torch.nn.Sequential(backend.linear(4, 4))
+    smaller = torch.nn.Sequential(_te_layer(backend))
     with pytest.raises(ValueError, match=r"1\.scaling_bwd\.amax_history, 1\.scaling_bwd\.scale, .*no matching"):
         backend.load_extra_state(smaller, exported)
     exported["2.scaling_fwd.scale"] = torch.ones(3)  # a layer this model does not have
     with pytest.raises(ValueError, match=r"2\.scaling_fwd\.scale.*no matching"):
-        backend.load_extra_state(torch.nn.Sequential(backend.linear(4, 4), backend.linear(4, 4)), exported)
+        backend.load_extra_state(_two_layers(backend), exported)
     del exported["2.scaling_fwd.scale"], exported["1.scaling_fwd.scale"]  # a layer's tensor missing
     with pytest.raises(ValueError, match=r"1\.scaling_fwd\.scale: not in the checkpoint"):
-        backend.load_extra_state(torch.nn.Sequential(backend.linear(4, 4), backend.linear(4, 4)), exported)
-    backend.load_extra_state(torch.nn.Sequential(backend.linear(4, 4), backend.linear(4, 4)), {})  # nothing saved: fine
+        backend.load_extra_state(_two_layers(backend), exported)
+    backend.load_extra_state(_two_layers(backend), {})  # nothing saved: fine
 
 
 def test_missing_transformer_engine_names_the_alternatives(monkeypatch):

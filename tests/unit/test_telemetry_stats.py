@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from shadow.config import load_job
-from shadow.model import Transformer
 from shadow.precision import build_backend
+from shadow.precision.convert import prepare_model
 from shadow.telemetry import TelemetryCollector, token_kurtosis
 
 TINY = ["precision.mode=bf16", "model.num_layers=2", "model.d_model=32", "model.num_heads=2", "model.seq_len=8",
@@ -26,13 +26,12 @@ def _telemetry(block: int, w_up_value: float) -> dict[str, float]:
     """One forward of a tiny model whose `block`'s SwiGLU w_up weights all hold `w_up_value`."""
     job = load_job(None, TINY)
     backend = build_backend(job.precision, torch.device("cpu"))
-    model = Transformer(job.model, backend)
-    model.init_weights(0)
+    prepared = prepare_model(job, backend)
     with torch.no_grad():
-        model.blocks[block].ffn.w_up.weight.fill_(w_up_value)
-    collector = TelemetryCollector(model, backend)
+        prepared.model.blocks[block].ffn.w_up.weight.fill_(w_up_value)
+    collector = TelemetryCollector(prepared.model, backend, prepared.structure)
     with collector.recording():
-        model(torch.zeros(2, 8, dtype=torch.long))
+        prepared.model(torch.zeros(2, 8, dtype=torch.long))
     return collector.finish()
 
 
