@@ -1,10 +1,14 @@
 """Shared test fixtures: a small job that trains fast on one CPU thread, and a local Ray per module."""
 
+import os
 from pathlib import Path
 
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+# The plug-in models the tests train (`model.factory: plugins.gpt:build`) live in tests/plugins, outside
+# shadow: rank processes and Ray workers import them as a user's own package is imported, via PYTHONPATH.
+os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO / "tests"), os.environ.get("PYTHONPATH")]))
 # `--set` overrides that shrink a shipped job's model (same data, schedule, faults) for fast runs
 FAST = ["--set", "model.num_layers=2", "--set", "model.d_model=64", "--set", "model.seq_len=64",
         "--set", "batch_size=8"]

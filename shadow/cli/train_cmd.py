@@ -67,6 +67,8 @@ def _train(layout, job, steps: int | None, out: str) -> int:
         print(f"cannot train: {exc}", file=sys.stderr)
         return 2
     trainer = Trainer(job, layout)
+    if leader:
+        print(trainer.fp8_selection.describe())
     run_dir = RunDir(out_path) if leader else None
     progress = Progress(0, until_step, f"train {job.precision.mode.value}") if leader else None
     started = time.perf_counter()

@@ -48,6 +48,16 @@ class Fp8Selection:
     def fp8_names(self) -> list[str]:
         return [layer.name for layer in self.layers if layer.fp8]
 
+    def describe(self) -> str:
+        """One line for the console: how many layers run in FP8 and the BF16 ones' reasons, counted."""
+        reasons: dict[str, int] = {}
+        for layer in self.layers:
+            if not layer.fp8:
+                reason = layer.reason.split(" (")[0].split(":")[0]
+                reasons[reason] = reasons.get(reason, 0) + 1
+        kept = ", ".join(f"{count} {reason}" for reason, count in reasons.items())
+        return f"FP8 layers: {len(self.fp8_names)} of {len(self.layers)} linear layers" + (f"; BF16: {kept}" if kept else "")
+
     def to_event(self) -> dict:
         """What the run logs at start (events.jsonl `fp8_layers`, MLflow params)."""
         return {"num_fp8": len(self.fp8_names), "num_linear": len(self.layers), "fp8": self.fp8_names,

@@ -164,3 +164,27 @@ def test_missing_transformer_engine_names_the_alternatives(monkeypatch):
     monkeypatch.setitem(sys.modules, "transformer_engine.pytorch", None)
     with pytest.raises(BackendUnavailable, match="shadow\\[te\\].*emulated"):
         _backend()
+
+
+def test_te_converts_the_selected_layers_of_any_model_and_keeps_the_rest_bf16(fake_te):
+    """Layer selection with TE: a plug-in model's selected linear layers become te.Linear holding a copy of
+    their weights and bias; the others and the tied output head become BF16 layers."""
+    from plugins.gpt import build
+
+    from shadow.precision.base import Bf16Linear
+    from shadow.precision.convert import prepare_model
+
+    job = load_job(None, ["precision.backend=te", "model.factory=plugins.gpt:build",
+                          "model.kwargs={width: 32, layers: 3, heads: 2}", "precision.fp8_layers.bf16_last_layers=1",
+                          "precision.fp8_layers.exclude=[\"*.c_proj\"]"])
+    backend = build_backend(job.precision, CUDA)
+    prepared = prepare_model(job, backend)
+    model = prepared.model
+    te_layers = {name for name, m in model.named_modules() if isinstance(m, FakeTeLinear)}
+    assert te_layers == {f"h.{i}.{n}" for i in (0, 1) for n in ("c_attn", "c_fc", "mlp_proj")}
+    assert set(prepared.selection.fp8_names) == te_layers
+    assert isinstance(model.h[2].c_attn, Bf16Linear) and isinstance(model.h[0].c_proj, Bf16Linear)
+    assert model.lm_head.weight is model.wte.weight  # the tie survives the swap
+    torch.manual_seed(0)  # the job's seed: the factory's initial weights and biases, copied into TE's parameters
+    reference = build(width=32, layers=3, heads=2).h[0].c_fc
+    assert torch.equal(model.h[0].c_fc.weight, reference.weight) and torch.equal(model.h[0].c_fc.bias, reference.bias)
