@@ -19,6 +19,9 @@ def register(subparsers) -> None:
                         "(default: %(default)s)")
     parser.add_argument("--lr-scale", default="1,10", help="comma-separated factors on optim.lr and optim.min_lr "
                         "(default: %(default)s)")
+    parser.add_argument("--fp8-layers", action="append", default=[], metavar="SELECTION",
+                        help="try each format with this FP8 layer selection (repeatable): all, auto, or a YAML "
+                        "mapping of precision.fp8_layers fields, e.g. '{bf16_first_layers: 1}' (default: the job's)")
     parser.add_argument("--seeds", default="0", help="comma-separated model-init seeds (default: %(default)s)")
     parser.add_argument("--steps", type=int, help="steps per training (default: the job's steps)")
     parser.add_argument("--out", help="output directory (default: runs/<job>-sweep-<time>)")
@@ -37,7 +40,7 @@ def _list(text: str, kind, name: str):
 
 def run(args: argparse.Namespace) -> int:
     from shadow.config.job import FORMAT_PATTERN
-    from shadow.sweep import as_rows, heatmap, sweep, table
+    from shadow.sweep import as_rows, heatmap, parse_selection, sweep, table
 
     overrides = list(args.overrides) + ([f"steps={args.steps}"] if args.steps is not None else [])
     args.overrides = overrides
@@ -58,15 +61,18 @@ def run(args: argparse.Namespace) -> int:
 
     def progress(r):
         gap = "" if r.rel_gap is None else f"  gap {100 * r.rel_gap:+.2f}%"
-        print(f"lr x{r.lr_scale:g} seed {r.seed} {r.format:<5} final loss {r.final_loss:.4f}"
+        label = f"{r.format} [{r.fp8_layers}]" if r.fp8_layers else r.format
+        print(f"lr x{r.lr_scale:g} seed {r.seed} {label:<5} final loss {r.final_loss:.4f}"
               f"{'  DIVERGED' if r.diverged else ''}{gap}", flush=True)
 
-    runs, cells = sweep(job, formats, scales, seeds, progress=progress)
+    selections = [parse_selection(spec) for spec in args.fp8_layers]  # a bad one: ConfigError, exit 2
+    runs, cells = sweep(job, formats, scales, seeds, selections=selections, progress=progress)
     text = table(cells)
     size = f"{job.model.num_layers}x{job.model.d_model}, {job.steps} steps, batch {job.batch_size}"
     heatmap(cells, out / "heatmap.png", f"{job.name} ({size}), seeds {','.join(map(str, seeds))}")
     (out / "sweep.md").write_text(f"# shadow sweep: {job.name} ({size})\n\n{text}\n")
     (out / "sweep.json").write_text(json.dumps({"job": job.name, "size": size, "formats": formats,
+                                                "fp8_layers": [label for label, _ in selections],
                                                 "lr_scales": scales, "seeds": seeds, "runs": as_rows(runs),
                                                 "cells": as_rows(cells)}, indent=1) + "\n")
     print(text)

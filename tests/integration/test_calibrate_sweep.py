@@ -51,3 +51,19 @@ def test_sweep_writes_table_heatmap_and_flags_divergence(tmp_path, small_job_fil
     assert all(cells[(f, 1000.0)]["num_diverged"] == 1 for f in ("bf16", "e4m3", "e8m5"))  # lr x1000 blows up
     table = (out / "sweep.md").read_text()
     assert "| e4m3 | 1 | delayed |" in table and "| e8m5 | 1000 | none | diverged |" in table
+
+
+def test_sweep_compares_fp8_layer_selections(tmp_path, small_job_file):
+    """Each format with every block layer in FP8, and with the first block kept in BF16: two rows, two gaps
+    against one BF16 reference; keeping a block in BF16 changes the trajectory."""
+    out = tmp_path / "selections"
+    assert main(["sweep", "--job", str(small_job_file), "--steps", "6", "--formats", "e4m3", "--lr-scale", "1",
+                 "--fp8-layers", "all", "--fp8-layers", "{bf16_first_layers: 1}", "--out", str(out)]) == 0
+    result = json.loads((out / "sweep.json").read_text())
+    assert result["fp8_layers"] == ["all", "{bf16_first_layers: 1}"]
+    runs = {(r["format"], r["fp8_layers"]): r for r in result["runs"]}
+    assert set(runs) == {("bf16", ""), ("e4m3", "all"), ("e4m3", "{bf16_first_layers: 1}")}
+    assert runs[("e4m3", "all")]["final_loss"] != runs[("e4m3", "{bf16_first_layers: 1}")]["final_loss"]
+    assert "| e4m3 [{bf16_first_layers: 1}] | 1 | delayed |" in (out / "sweep.md").read_text()
+    assert main(["sweep", "--job", str(small_job_file), "--steps", "2", "--formats", "e4m3",
+                 "--fp8-layers", "{bf16_first_layer: 1}", "--out", str(tmp_path / "bad")]) == 2  # a typo: refused

@@ -5,7 +5,7 @@ from shadow.sweep import SweepCell, gap_label, table
 
 
 def _cell(fmt, gap, num_diverged, num_seeds=2):
-    return SweepCell(fmt, 1000.0, "-" if fmt == "bf16" else "delayed", gap, gap, num_diverged, num_seeds)
+    return SweepCell(fmt, "", 1000.0, "-" if fmt == "bf16" else "delayed", gap, gap, num_diverged, num_seeds)
 
 
 def test_a_format_whose_reference_diverged_is_not_reported_diverged():
