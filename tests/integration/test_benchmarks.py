@@ -166,3 +166,11 @@ def test_controller_scaling(tmp_path):
     assert row["judge_calls"] <= row["num_verifications"]  # timed only while the main job still trains
     assert row["decision_point_calls"] > 0 and row["schedule_early_us"] > 0
 
+
+
+def test_fp8_layer_selection(tmp_path):
+    result = bench("fp8_layer_selection", tmp_path, "--widths", "256", "--rounds", "1", "--steps-per-round", "1")
+    rows = {row["variant"]: row for row in result["rows"]}
+    assert set(rows) == {"bf16", "fp8 all", "fp8 auto"} and rows["bf16"]["over_bf16"] == 1.0
+    assert rows["fp8 all"]["num_fp8"] == 10 and rows["fp8 auto"]["num_fp8"] == 0  # width 256: nothing gains
+    assert result["converted"]["256 fp8 auto"] == [] and len(result["converted"]["256 fp8 all"]) == 10
