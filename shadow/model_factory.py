@@ -82,23 +82,44 @@ def check_output(model: nn.Module, config: ModelConfig, device: torch.device) ->
     """Run one short sequence through the model and refuse anything but (batch, seq, vocab) logits, so
     a model that does not fit shadow fails at start, naming its factory, not at the first step."""
     seq = min(8, config.seq_len)
-    idx = torch.zeros(1, seq, dtype=torch.long, device=device)
     name = factory_name(config)
+    try:
+        output = _probe(model, seq, device)
+    except Exception as exc:
+        raise ModelError(f"model.factory {name!r}: its model failed on token ids of shape (1, {seq}): "
+                         f"{type(exc).__name__}: {exc}") from exc
+    _check_logits(output, name, seq, config.vocab_size)
+
+
+@torch.no_grad()
+def check_output_on_meta(model: nn.Module, config: ModelConfig) -> None:
+    """`check_output` for a model built on the meta device, before any rank starts. A forward that meta
+    tensors cannot run (code that reads values, as Hugging Face's masks do) proves nothing either way
+    and is left to the ranks' own check; logits of the wrong shape are refused here."""
+    seq = min(8, config.seq_len)
+    try:
+        output = _probe(model, seq, torch.device("meta"))
+    except Exception:
+        return
+    _check_logits(output, factory_name(config), seq, config.vocab_size)
+
+
+def _probe(model: nn.Module, seq: int, device: torch.device) -> Any:
     was_training = model.training
     model.eval()
     try:
-        output = model(idx)
-    except Exception as exc:
-        raise ModelError(f"model.factory {name!r}: its model failed on token ids of shape (1, {seq}): "
-                                f"{type(exc).__name__}: {exc}") from exc
+        return model(torch.zeros(1, seq, dtype=torch.long, device=device))
     finally:
         model.train(was_training)
+
+
+def _check_logits(output: Any, name: str, seq: int, vocab_size: int) -> None:
     logits = output if isinstance(output, torch.Tensor) else getattr(output, "logits", None)
-    expected = (1, seq, config.vocab_size)
+    expected = (1, seq, vocab_size)
     if not isinstance(logits, torch.Tensor):
         raise ModelError(f"model.factory {name!r}: its forward returned a {type(output).__name__}; expected "
-                                f"logits of shape {expected} or an object with a .logits tensor")
+                         f"logits of shape {expected} or an object with a .logits tensor")
     if tuple(logits.shape) != expected:
         raise ModelError(f"model.factory {name!r}: its forward returned logits of shape "
-                                f"{tuple(logits.shape)} for token ids (1, {seq}); expected {expected} "
-                                "(batch, seq, model.vocab_size)")
+                         f"{tuple(logits.shape)} for token ids (1, {seq}); expected {expected} "
+                         "(batch, seq, model.vocab_size)")

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from shadow.config.job import PrecisionConfig, PrecisionMode
+from shadow.model_errors import ModelError
 from shadow.precision.formats import round_to_bf16
 from shadow.precision.selection import Fp8Selection
 
@@ -80,6 +81,9 @@ class PrecisionBackend(ABC):
     """Base of all backends: mode, step, the shared BF16 pieces; subclasses add FP8 GEMM layers."""
 
     name = "base"
+    # Whether the backend's FP8 layer holds a copy of the weights it replaces (TE allocates its own), so a
+    # weight shared with another module (tied) cannot be converted without untying it.
+    fp8_layer_copies_weights = False
     # Whether `extra_state` of a freshly built model already has every key a checkpoint of it will hold.
     # TE creates its FP8 scaling state at the first FP8 forward, so a checkpoint's `precision.` tensors
     # can be checked only by its `load_extra_state`, not against a layout known before training.
@@ -98,6 +102,16 @@ class PrecisionBackend(ABC):
 
     def convert(self, model: nn.Module, selection: Fp8Selection) -> None:
         """Swap every linear layer the selection lists: FP8 layers for its FP8 choices, BF16 for the rest."""
+        if self.fp8_layer_copies_weights:
+            uses: dict[int, int] = {}
+            for _, param in model.named_parameters(remove_duplicate=False):
+                uses[id(param)] = uses.get(id(param), 0) + 1
+            tied = [layer.name for layer in selection.layers
+                    if layer.fp8 and uses[id(model.get_submodule(layer.name).weight)] > 1]
+            if tied:
+                raise ModelError(f"precision.backend '{self.name}' copies a layer's weight into its own FP8 layer, "
+                                 f"which would untie the tied weight of {', '.join(tied)}; keep these layers in BF16 "
+                                 "(precision.fp8_layers.exclude) or use backend emulated or torchao")
         for layer in selection.layers:
             parent_name, _, attribute = layer.name.rpartition(".")
             linear = model.get_submodule(layer.name)

@@ -14,7 +14,7 @@ from torch import nn
 
 from shadow.architecture import ModelStructure, find_structure
 from shadow.config.job import JobConfig
-from shadow.model_factory import build_model, factory_name
+from shadow.model_factory import build_model, check_output_on_meta, factory_name
 from shadow.precision.base import PrecisionBackend
 from shadow.precision.selection import Fp8Selection, select_fp8_layers
 
@@ -37,9 +37,11 @@ def prepare_model(job: JobConfig, backend: PrecisionBackend) -> PreparedModel:
 
 def fp8_layers_report(job: JobConfig) -> dict:
     """Which layers of the job's model run in FP8 and why the others do not, with the model's blocks: what
-    a run logs at start (events.jsonl `fp8_layers`, MLflow params). Built on the meta device: no memory."""
+    a run logs at start (events.jsonl `fp8_layers`, MLflow params). Built on the meta device: no memory;
+    a model whose logits have the wrong shape is refused here already (`check_output_on_meta`)."""
     with torch.device("meta"):
         model = build_model(job.model, job.seed)
+    check_output_on_meta(model, job.model)
     structure = find_structure(model, job.model.block_class)
     selection = select_fp8_layers(model, structure, job.precision)
     return {"factory": factory_name(job.model), **structure.describe(), "auto": job.precision.fp8_layers.auto,

@@ -38,6 +38,7 @@ def _import_te():
 
 class TransformerEngineBackend(PrecisionBackend):
     name = "te"
+    fp8_layer_copies_weights = True
     extra_state_known_before_training = False  # fp8_meta appears at the first FP8 forward
 
     def __init__(self, config: PrecisionConfig, device: torch.device):

@@ -18,7 +18,8 @@ GPT = ["--set", "model.factory=plugins.gpt:build", "--set", "model.kwargs={width
        "seq_len: 64, dropout: 0.1}", "--set", "model.seq_len=64", "--set", "batch_size=8"]
 HF_LLAMA = ["--set", "model.factory=shadow.hf:causal_lm", "--set", "model.kwargs={model_type: llama, vocab_size: 256, "
             "hidden_size: 64, intermediate_size: 176, num_hidden_layers: 2, num_attention_heads: 4, "
-            "num_key_value_heads: 2, max_position_embeddings: 64}", "--set", "model.seq_len=64", "--set", "batch_size=8"]
+            "num_key_value_heads: 2, max_position_embeddings: 64}", "--set", "model.seq_len=64",
+            "--set", "batch_size=8"]
 TINY = ["--job", str(REPO / "jobs/tiny.yaml")]
 
 

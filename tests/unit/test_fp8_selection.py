@@ -51,7 +51,8 @@ def test_include_then_exclude_patterns_on_module_names():
 ])
 def test_auto_keeps_small_gemms_in_bf16_by_torchao_thresholds(recipe, width, expected):
     job = load_job(None, ["model.num_layers=1", f"model.d_model={width}", "model.num_heads=8",
-                          f"model.ffn_hidden={width * 11 // 4}", "precision.backend=torchao", "precision.scaling=current",
+                          f"model.ffn_hidden={width * 11 // 4}", "precision.backend=torchao",
+                          "precision.scaling=current",
                           f"precision.torchao_recipe={recipe}", "precision.fp8_layers.auto=true"])
     report = fp8_layers_report(job)
     assert report["fp8"] == [f"blocks.0.{k}" for k in expected]
@@ -88,7 +89,8 @@ def test_in_bf16_mode_every_layer_is_bf16_whatever_the_selection(backend):
     """Losses and gradients of a BF16 step are bit-identical with all block layers FP8-capable or none."""
     results = []
     for include in ('[]', '["none"]'):
-        job = load_job(None, [*SMALL, "precision.mode=bf16", f"precision.backend={backend}", "precision.scaling=current",
+        job = load_job(None, [*SMALL, "precision.mode=bf16", f"precision.backend={backend}",
+                              "precision.scaling=current",
                               "model.factory=plugins.gpt:build", "model.kwargs={width: 32, layers: 2, heads: 2}",
                               f"precision.fp8_layers.include={include}"])
         prepared = prepare_model(job, build_backend(job.precision, CPU))

@@ -39,7 +39,7 @@ def test_kwargs_merge_key_by_key_over_the_file():
     (["model.factory=plugins.gpt:nothing"], r"module 'plugins.gpt' has no 'nothing'"),
     (["model.factory=plugins.gpt:GptBlock", "model.kwargs={}"], r"'plugins.gpt:GptBlock' failed with model.kwargs"),
     (["model.kwargs={width: 32, no_such_argument: 1}"], r"failed with model.kwargs.*no_such_argument"),
-    (["model.factory=builtins:dict", "model.kwargs={a: 1}"], r"'builtins:dict' returned a dict, expected a torch.nn.Module"),
+    (["model.factory=builtins:dict", "model.kwargs={a: 1}"], r"'builtins:dict' returned a dict, expected a torch.nn"),
 ])
 def test_a_factory_that_cannot_build_a_module_is_named(overrides, message):
     with pytest.raises(ModelError, match=message):
@@ -89,3 +89,11 @@ def test_the_job_hash_covers_the_factory_its_kwargs_and_the_fp8_selection():
     hashes = {job_hash(base), *(job_hash(job) for job in changed)}
     assert len(hashes) == 1 + len(changed)
     assert job_hash(load_job(None, [*PLUGIN, "precision.mode=bf16"])) == job_hash(base)  # replays switch mode
+
+
+def test_the_meta_device_check_refuses_wrong_logits_before_any_rank_starts():
+    from shadow.precision.convert import fp8_layers_report
+
+    with pytest.raises(ModelError, match=r"'plugins.gpt:wrong_vocab'.*expected \(1, 8, 256\)"):
+        fp8_layers_report(load_job(None, ["model.factory=plugins.gpt:wrong_vocab"]))
+    assert fp8_layers_report(load_job(None, PLUGIN))["num_fp8"] == 8

@@ -188,3 +188,17 @@ def test_te_converts_the_selected_layers_of_any_model_and_keeps_the_rest_bf16(fa
     torch.manual_seed(0)  # the job's seed: the factory's initial weights and biases, copied into TE's parameters
     reference = build(width=32, layers=3, heads=2).h[0].c_fc
     assert torch.equal(model.h[0].c_fc.weight, reference.weight) and torch.equal(model.h[0].c_fc.bias, reference.bias)
+
+
+def test_te_refuses_to_untie_a_weight_shared_by_a_selected_layer(fake_te):
+    from shadow.architecture import find_structure
+    from shadow.model_errors import ModelError
+    from shadow.precision.selection import select_fp8_layers
+
+    backend = _backend()
+    model = torch.nn.Module()
+    model.blocks = torch.nn.ModuleList(torch.nn.Sequential(torch.nn.Linear(16, 16)) for _ in range(2))
+    model.blocks[1][0].weight = model.blocks[0][0].weight  # tied across blocks
+    selection = select_fp8_layers(model, find_structure(model), load_job(None, ["precision.backend=te"]).precision)
+    with pytest.raises(ModelError, match=r"untie the tied weight of blocks.0.0, blocks.1.0"):
+        backend.convert(model, selection)
