@@ -127,6 +127,10 @@ def test_parent_and_child_runs_share_keys_and_steps(server, tracked_run):
     assert tags["shadow.discarded"].startswith(f"[0, {rollback['old_step']})")
     assert parent.data.params["job.steps"] == "400" and parent.data.params["job.model.d_model"] == "64"
     assert parent.data.params["policy.thresholds.switch"] == "0.015"
+    layers = next(e for e in events if e["event"] == "fp8_layers")  # which layers ran in FP8, as params
+    assert parent.data.params["model_layers.num_fp8"] == "10" == str(layers["num_fp8"])
+    assert parent.data.params["model_layers.fp8"] == ",".join(layers["fp8"]) and "blocks.1.ffn.w_down" in layers["fp8"]
+    assert parent.data.params["model_layers.factory"] == "shadow.model:Transformer"
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
     assert {"job.yaml", "events.jsonl", "summary.json", "report.png", "policy"} <= artifacts
     assert [a.path for a in client.list_artifacts(parent.info.run_id, "policy")] == ["policy/policy-v1.yaml"]
