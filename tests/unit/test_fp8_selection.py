@@ -125,3 +125,21 @@ def test_selection_sees_the_blocks_found_before_any_swap():
     job = load_job(None, ["precision.fp8_layers.bf16_first_layers=1"])
     selection = select_fp8_layers(model, structure, job.precision)
     assert selection.fp8_names == ["h.1.c_attn", "h.1.c_proj", "h.1.c_fc", "h.1.mlp_proj"]
+
+
+def test_torchao_converts_only_the_selected_layers_and_trains_them_in_float8():
+    job = load_job(None, [*SMALL, "precision.backend=torchao", "precision.scaling=current",
+                          'precision.fp8_layers.include=["*.ffn.*"]'])
+    backend = build_backend(job.precision, CPU)
+    model = prepare_model(job, backend).model
+    kinds = {name: type(module).__name__ for name, module in model.named_modules()
+             if name.endswith(("wqkv", "wo", "w_gate", "w_up", "w_down", "lm_head"))}
+    assert {kinds[f"blocks.0.ffn.{k}"] for k in ("w_gate", "w_up", "w_down")} == {"TorchaoFp8Linear"}
+    assert {kinds["blocks.0.attn.wqkv"], kinds["blocks.0.attn.wo"], kinds["lm_head"]} == {"Bf16Linear"}
+    idx = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0))
+    fp8_loss = next_token_loss(model, idx[:, :-1], idx[:, 1:])
+    fp8_loss.backward()
+    assert all(p.grad is not None for p in model.parameters())
+    backend.set_mode("bf16")
+    with torch.no_grad():
+        assert not torch.equal(next_token_loss(model, idx[:, :-1], idx[:, 1:]), fp8_loss.detach())
