@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass
 from enum import Enum
+from functools import lru_cache
 from typing import Sequence
 
 from shadow.jsonl import jsonable
@@ -167,6 +168,84 @@ def trend_of(windows: Sequence[tuple[int, float | None]]) -> Trend:
     values = tuple(value for _, value in pairs)
     growing = len(values) >= 2 and all(b > a for a, b in zip(values, values[1:]))
     return Trend(values, starts, _least_squares_slope(starts, values), growing)
+
+
+def mean_interval(verdict: Verdict, metric: str, confidence: float) -> tuple[float, float] | None:
+    """The two-sided `confidence` interval of the window's mean gap, in `metric`'s unit (mean_gap, or
+    rel_mean_gap: divided by the BF16 side's mean loss over the same steps, as the metric is).
+
+    Student's t over the n paired per-step gaps: mean +- t_{(1+confidence)/2, n-1} x s / sqrt(n), with s
+    their sample standard deviation. Replays are exact, so the gaps are the precision's effect on each
+    step, not measurement noise; the interval treats them as a sample of the window's gaps (it assumes
+    they scatter around one mean: a gap that drifts within the window is judged on the steps seen).
+    None below two gaps, or when the verdict has no statistics (non-finite, no overlap).
+    """
+    if metric not in ("mean_gap", "rel_mean_gap"):
+        raise KeyError(f"no interval for {metric!r}: only mean_gap and rel_mean_gap are means")
+    gaps = verdict.gaps
+    if verdict.kind is not VerdictKind.COMPARED or len(gaps) < 2:
+        return None
+    mean = _mean(gaps)
+    spread = math.sqrt(math.fsum((g - mean) ** 2 for g in gaps) / (len(gaps) - 1) / len(gaps))
+    half = t_quantile((1 + confidence) / 2, len(gaps) - 1) * spread
+    low, high = mean - half, mean + half
+    if metric == "mean_gap":
+        return low, high
+    reference = verdict.reference_mean_loss
+    if not reference:
+        return None
+    return (low / reference, high / reference) if reference > 0 else (high / reference, low / reference)
+
+
+@lru_cache(maxsize=1024)
+def t_quantile(p: float, df: int) -> float:
+    """Student's t quantile (inverse CDF) at probability `p` in (0, 1) with `df` degrees of freedom,
+    by bisection on the CDF (the regularized incomplete beta function): pure Python, within 1e-8 of scipy."""
+    if not 0.0 < p < 1.0 or df < 1:
+        raise ValueError(f"t_quantile needs 0 < p < 1 and df >= 1, got p={p}, df={df}")
+    if p < 0.5:
+        return -t_quantile(1.0 - p, df)
+    tail = 1.0 - p
+    low, high = 0.0, 1.0
+    while _t_upper_tail(high, df) > tail:
+        low, high = high, 2.0 * high
+    for _ in range(200):
+        middle = (low + high) / 2
+        if middle in (low, high):
+            break
+        low, high = (middle, high) if _t_upper_tail(middle, df) > tail else (low, middle)
+    return (low + high) / 2
+
+
+def _t_upper_tail(t: float, df: int) -> float:
+    """P(T > t) for t >= 0: half the regularized incomplete beta I_x(df/2, 1/2) at x = df / (df + t^2)."""
+    return 0.5 * _incomplete_beta(df / 2, 0.5, df / (df + t * t))
+
+
+def _incomplete_beta(a: float, b: float, x: float) -> float:
+    """The regularized incomplete beta function I_x(a, b), by its continued fraction (modified Lentz)."""
+    if x <= 0.0:
+        return 0.0
+    if x >= 1.0:
+        return 1.0
+    front = math.exp(math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) + b * math.log1p(-x))
+    if x > (a + 1) / (a + b + 2):  # the fraction converges fast only below this point: use the symmetry
+        return 1.0 - _incomplete_beta(b, a, 1.0 - x)
+    tiny = 1e-300
+    c, d = 1.0, 1.0 - (a + b) * x / (a + 1)
+    d = 1.0 / (d if abs(d) > tiny else tiny)
+    value = d
+    for m in range(1, 500):
+        for numerator in (m * (b - m) * x / ((a + 2 * m - 1) * (a + 2 * m)),
+                          -(a + m) * (a + b + m) * x / ((a + 2 * m) * (a + 2 * m + 1))):
+            d = 1.0 + numerator * d
+            d = 1.0 / (d if abs(d) > tiny else tiny)
+            c = 1.0 + numerator / c
+            c = c if abs(c) > tiny else tiny
+            value *= c * d
+        if abs(c * d - 1.0) < 1e-15:
+            break
+    return front * value / a
 
 
 def _by_step(records: Sequence[StepRecord]) -> dict[int, StepRecord]:
