@@ -68,12 +68,10 @@ class Controller:
                                        waits_s=resume.checkpoint_waits_s if resume else ())
         self.main = MainJob(job, store_uri, run, history=resume.history if resume else (),
                             trained=resume.trained if resume else ())
-        self.step_times = StepTimes()  # FP8 and BF16 step times, main job and replays: the measured speedup
-        self.main_setup: MainSetup | None = None  # where the main job's steps run, once it started
-        if resume:
-            self.step_times.add_main(resume.trained)
-            for records, device, num_ranks in resume.replay_times:
-                self.step_times.add_replay(records, device, num_ranks)
+        # FP8 and BF16 step times of the main job and the replays (the measured speedup), and where the main
+        # job's steps run once it started
+        self.step_times = StepTimes.resumed(resume.trained, resume.replay_times) if resume else StepTimes()
+        self.main_setup: MainSetup | None = None
         self.verification = Verification(job, store_uri, run, ledger=self.ledger, events=self.events,
                                          callbacks=callbacks, regime=self.state.regime, lineage=self.state.lineage,
                                          resume=resume, step_times=self.step_times)
@@ -313,7 +311,9 @@ class Controller:
             return
         self.state = replace(self.state, policy_state=outcome.state)
         for decision in outcome.decisions:
-            self.emit("decision", name="fp8_must_pay", **decision.to_dict(), state=self.state.to_dict())
+            # about no replay window (`name`, which MLflow would look for): the setting that judged it instead
+            self.emit("decision", name=None, policy_key="action.fp8_must_pay", **decision.to_dict(),
+                      state=self.state.to_dict())
         self.events.commit_point()
         for decision in outcome.decisions:
             self._apply(decision, None)

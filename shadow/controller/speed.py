@@ -34,6 +34,16 @@ class StepTimes:
         self.main: dict[str, list[float]] = {}  # by precision: every step the main job trained
         self.replays: dict[tuple[str, str, int], list[float]] = {}  # by (precision, device, num_ranks)
 
+    @classmethod
+    def resumed(cls, main: list[StepRecord], replays: list[tuple[list[StepRecord], str, int]]) -> StepTimes:
+        """The times of a run continued with `--resume`: its trajectory, and each finished replay's rows
+        with the device and rank count they ran on (`ResumePoint.replay_times`)."""
+        times = cls()
+        times.add_main(main)
+        for records, device, num_ranks in replays:
+            times.add_replay(records, device, num_ranks)
+        return times
+
     def add_main(self, records: list[StepRecord]) -> None:
         for record in records:
             self.main.setdefault(record.precision, []).append(record.step_time_s)

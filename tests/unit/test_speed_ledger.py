@@ -109,3 +109,10 @@ def test_fp8_that_does_not_pay_is_reported_or_switched_off_for_good():
     assert out.kinds == (DecisionKind.REPORT,) and out.state.machine is Machine.FP8
     forever = PolicyState(machine=Machine.BF16_FOREVER)
     assert judge_speed(must_pay(1.05), forever, fp8_speedup=0.74, measured="m", main_step=60) is None
+
+
+def test_a_resumed_run_keeps_the_times_measured_before():
+    times = StepTimes.resumed(rows("fp8", 0.4, 30), [(rows("bf16", 0.3, 12), "cpu x1 threads", 1),
+                                                     (rows("bf16", 0.1, 12), "cpu x1 threads", 2)])
+    assert times.measured(CPU)["fp8_speedup"] == pytest.approx(0.75)
+    assert times.measured(CPU)["num_bf16_steps"] == 12
