@@ -176,21 +176,51 @@ def mean_interval(verdict: Verdict, metric: str, confidence: float) -> tuple[flo
 
     Student's t over the n paired per-step gaps: mean +- t_{(1+confidence)/2, n-1} x s / sqrt(n), with s
     their sample standard deviation. Replays are exact, so the gaps are the precision's effect on each
-    step, not measurement noise; the interval treats them as a sample of the window's gaps (it assumes
-    they scatter around one mean: a gap that drifts within the window is judged on the steps seen).
-    None below two gaps, or when the verdict has no statistics (non-finite, no overlap).
+    step, not measurement noise; the interval treats them as a sample of the window's gaps around one
+    mean (`projected_mean_interval` allows for a gap that drifts). None below two gaps, or when the
+    verdict has no statistics (non-finite, no overlap).
     """
-    if metric not in ("mean_gap", "rel_mean_gap"):
-        raise KeyError(f"no interval for {metric!r}: only mean_gap and rel_mean_gap are means")
     gaps = verdict.gaps
     if verdict.kind is not VerdictKind.COMPARED or len(gaps) < 2:
         return None
     mean = _mean(gaps)
     spread = math.sqrt(math.fsum((g - mean) ** 2 for g in gaps) / (len(gaps) - 1) / len(gaps))
     half = t_quantile((1 + confidence) / 2, len(gaps) - 1) * spread
-    low, high = mean - half, mean + half
+    return _in_unit(verdict, metric, mean - half, mean + half)
+
+
+def projected_mean_interval(verdict: Verdict, metric: str, confidence: float,
+                            num_steps: int) -> tuple[float, float] | None:
+    """The two-sided `confidence` interval of the mean gap over the first `num_steps` steps of the window
+    (its planned length) projected from the n steps compared so far by their least-squares line.
+
+    With gaps d_i at positions x_i = 0..n-1 and the line's residual spread s_r (n - 2 degrees of freedom),
+    the mean over positions 0..N-1 is the line at x* = (N - 1) / 2: prediction +- t_{(1+confidence)/2, n-2}
+    x s_r x sqrt(1/n + (x* - mean x)^2 / Sxx). A gap that grows within the window (FP8 damage that builds
+    up from the checkpoint on) projects higher than the mean of the steps seen so far, and the distance
+    from the steps seen widens it. Same unit as `mean_interval`; None below three gaps.
+    """
+    gaps = verdict.gaps
+    if verdict.kind is not VerdictKind.COMPARED or len(gaps) < 3:
+        return None
+    n = len(gaps)
+    mean, centre = _mean(gaps), (n - 1) / 2
+    sxx = math.fsum((x - centre) ** 2 for x in range(n))
+    slope = math.fsum((x - centre) * (g - mean) for x, g in enumerate(gaps)) / sxx
+    residuals = math.fsum((g - mean - slope * (x - centre)) ** 2 for x, g in enumerate(gaps))
+    target = (max(num_steps, n) - 1) / 2
+    half = (t_quantile((1 + confidence) / 2, n - 2) * math.sqrt(residuals / (n - 2))
+            * math.sqrt(1 / n + (target - centre) ** 2 / sxx))
+    projected = mean + slope * (target - centre)
+    return _in_unit(verdict, metric, projected - half, projected + half)
+
+
+def _in_unit(verdict: Verdict, metric: str, low: float, high: float) -> tuple[float, float] | None:
+    """An interval of the mean gap in nats, in `metric`'s unit."""
     if metric == "mean_gap":
         return low, high
+    if metric != "rel_mean_gap":
+        raise KeyError(f"no interval for {metric!r}: only mean_gap and rel_mean_gap are means")
     reference = verdict.reference_mean_loss
     if not reference:
         return None

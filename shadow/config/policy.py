@@ -76,22 +76,23 @@ class ReplayResourcesConfig:
 class EarlyStopConfig:
     """Windows that end once their paired per-step gaps decide them (docs/policies.md#early-stopping).
 
-    After `min_steps` compared steps, and after every further step, the t-interval of the window's mean
-    gap at `confidence` (in `compare.metric`'s unit: divided by the BF16 side's mean loss for
-    rel_mean_gap) is tested: wholly within `thresholds.warn` (its size, when two-sided) ends the window
-    as clean, wholly beyond `thresholds.switch` as a violation; otherwise the window goes on, at most to
+    After `min_steps` compared steps, and after every further step, two t-intervals at `confidence` (in
+    `compare.metric`'s unit: divided by the BF16 side's mean loss for rel_mean_gap) are tested: that of
+    the mean gap of the steps so far, and that of the whole window's mean gap projected from them by
+    their trend. Both wholly within `thresholds.warn` (their size, when two-sided) end the window as
+    clean, both wholly beyond `thresholds.switch` as a violation; otherwise the window goes on, at most to
     `window_steps`. Verification and probe windows of the cadence only: triggered windows run through
     the step that fired, noise windows measure the whole window. Needs compare.metric mean_gap or
     rel_mean_gap (the statistic is a mean).
     """
 
     min_steps: int = 0  # compared steps before a window may end early; 0 = every window runs its window_steps
-    confidence: float = 0.99  # two-sided confidence of the interval at each look (0.99: 0.5% per look per side)
+    confidence: float = 0.99  # two-sided confidence of the intervals at each look (0.99: 0.5% per look per side)
 
     def problems(self):
         found = []
-        if self.min_steps != 0 and self.min_steps < 2:
-            found.append(("min_steps", self.min_steps, "0 (off) or at least 2 (an interval needs two gaps)"))
+        if self.min_steps != 0 and self.min_steps < 3:
+            found.append(("min_steps", self.min_steps, "0 (off) or at least 3 (a trend's interval needs three gaps)"))
         if not (math.isfinite(self.confidence) and 0.0 < self.confidence < 1.0):
             found.append(("confidence", self.confidence, "a fraction in (0, 1), e.g. 0.99"))
         return found

@@ -256,7 +256,7 @@ class Verification:
         verdict = compare(main_rows, replay.records, window=(steps.start, steps.stop),
                           ignore_first_steps=policy.compare.ignore_first_steps,
                           end_fraction=policy.compare.end_fraction)
-        return early_stop(policy, policy_state, verdict)
+        return early_stop(policy, policy_state, verdict, replay.planned_steps - policy.compare.ignore_first_steps)
 
     def _on_failed(self, replay: Replay, error: Exception, policy: Policy) -> None:
         """Retry on a healthy group up to `verify.replay_retries`, then give the window up; the main

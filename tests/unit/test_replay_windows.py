@@ -124,7 +124,7 @@ def test_a_window_that_stops_early_covers_only_the_steps_it_ran():
     assert replay.planned_steps == 25 and replay.stoppable
     replay.records = [StepRecord(step=s, loss=2.0, precision="bf16", tokens=1, step_time_s=0.1, grad_norm=1.0, lr=1e-3)
                       for s in range(100, 109)]
-    windows.stop_early(replay, EarlyStop("clean", 9, (-0.001, 0.002), "interval within warn"))
+    windows.stop_early(replay, EarlyStop("clean", 9, (-0.001, 0.002), (-0.001, 0.003), "intervals within warn"))
     assert replay.end_step == 109 and replay.planned_steps == 25 and replay.early_stop.level == "clean"
     assert windows.covering(108) == replay.request and windows.covering(109) is None
     windows.finish(replay, ReplayResult(records=replay.records))
