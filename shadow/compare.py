@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass
 from enum import Enum
+from functools import lru_cache
 from typing import Sequence
 
 from shadow.jsonl import jsonable
@@ -167,6 +168,114 @@ def trend_of(windows: Sequence[tuple[int, float | None]]) -> Trend:
     values = tuple(value for _, value in pairs)
     growing = len(values) >= 2 and all(b > a for a, b in zip(values, values[1:]))
     return Trend(values, starts, _least_squares_slope(starts, values), growing)
+
+
+def mean_interval(verdict: Verdict, metric: str, confidence: float) -> tuple[float, float] | None:
+    """The two-sided `confidence` interval of the window's mean gap, in `metric`'s unit (mean_gap, or
+    rel_mean_gap: divided by the BF16 side's mean loss over the same steps, as the metric is).
+
+    Student's t over the n paired per-step gaps: mean +- t_{(1+confidence)/2, n-1} x s / sqrt(n), with s
+    their sample standard deviation. Replays are exact, so the gaps are the precision's effect on each
+    step, not measurement noise; the interval treats them as a sample of the window's gaps around one
+    mean (`projected_mean_interval` allows for a gap that drifts). None below two gaps, or when the
+    verdict has no statistics (non-finite, no overlap).
+    """
+    gaps = verdict.gaps
+    if verdict.kind is not VerdictKind.COMPARED or len(gaps) < 2:
+        return None
+    mean = _mean(gaps)
+    spread = math.sqrt(math.fsum((g - mean) ** 2 for g in gaps) / (len(gaps) - 1) / len(gaps))
+    half = t_quantile((1 + confidence) / 2, len(gaps) - 1) * spread
+    return _in_unit(verdict, metric, mean - half, mean + half)
+
+
+def projected_mean_interval(verdict: Verdict, metric: str, confidence: float,
+                            num_steps: int) -> tuple[float, float] | None:
+    """The two-sided `confidence` interval of the mean gap over the first `num_steps` steps of the window
+    (its planned length) projected from the n steps compared so far by their least-squares line.
+
+    With gaps d_i at positions x_i = 0..n-1 and the line's residual spread s_r (n - 2 degrees of freedom),
+    the mean over positions 0..N-1 is the line at x* = (N - 1) / 2: prediction +- t_{(1+confidence)/2, n-2}
+    x s_r x sqrt(1/n + (x* - mean x)^2 / Sxx). A gap that grows within the window (FP8 damage that builds
+    up from the checkpoint on) projects higher than the mean of the steps seen so far, and the distance
+    from the steps seen widens it. Same unit as `mean_interval`; None below three gaps.
+    """
+    gaps = verdict.gaps
+    if verdict.kind is not VerdictKind.COMPARED or len(gaps) < 3:
+        return None
+    n = len(gaps)
+    mean, centre = _mean(gaps), (n - 1) / 2
+    sxx = math.fsum((x - centre) ** 2 for x in range(n))
+    slope = math.fsum((x - centre) * (g - mean) for x, g in enumerate(gaps)) / sxx
+    residuals = math.fsum((g - mean - slope * (x - centre)) ** 2 for x, g in enumerate(gaps))
+    target = (max(num_steps, n) - 1) / 2
+    half = (t_quantile((1 + confidence) / 2, n - 2) * math.sqrt(residuals / (n - 2))
+            * math.sqrt(1 / n + (target - centre) ** 2 / sxx))
+    projected = mean + slope * (target - centre)
+    return _in_unit(verdict, metric, projected - half, projected + half)
+
+
+def _in_unit(verdict: Verdict, metric: str, low: float, high: float) -> tuple[float, float] | None:
+    """An interval of the mean gap in nats, in `metric`'s unit."""
+    if metric == "mean_gap":
+        return low, high
+    if metric != "rel_mean_gap":
+        raise KeyError(f"no interval for {metric!r}: only mean_gap and rel_mean_gap are means")
+    reference = verdict.reference_mean_loss
+    if not reference:
+        return None
+    return (low / reference, high / reference) if reference > 0 else (high / reference, low / reference)
+
+
+@lru_cache(maxsize=1024)
+def t_quantile(p: float, df: int) -> float:
+    """Student's t quantile (inverse CDF) at probability `p` in (0, 1) with `df` degrees of freedom,
+    by bisection on the CDF (the regularized incomplete beta function): pure Python, within 1e-8 of scipy."""
+    if not 0.0 < p < 1.0 or df < 1:
+        raise ValueError(f"t_quantile needs 0 < p < 1 and df >= 1, got p={p}, df={df}")
+    if p < 0.5:
+        return -t_quantile(1.0 - p, df)
+    tail = 1.0 - p
+    low, high = 0.0, 1.0
+    while _t_upper_tail(high, df) > tail:
+        low, high = high, 2.0 * high
+    for _ in range(200):
+        middle = (low + high) / 2
+        if middle in (low, high):
+            break
+        low, high = (middle, high) if _t_upper_tail(middle, df) > tail else (low, middle)
+    return (low + high) / 2
+
+
+def _t_upper_tail(t: float, df: int) -> float:
+    """P(T > t) for t >= 0: half the regularized incomplete beta I_x(df/2, 1/2) at x = df / (df + t^2)."""
+    return 0.5 * _incomplete_beta(df / 2, 0.5, df / (df + t * t))
+
+
+def _incomplete_beta(a: float, b: float, x: float) -> float:
+    """The regularized incomplete beta function I_x(a, b), by its continued fraction (modified Lentz)."""
+    if x <= 0.0:
+        return 0.0
+    if x >= 1.0:
+        return 1.0
+    front = math.exp(math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) + b * math.log1p(-x))
+    if x > (a + 1) / (a + b + 2):  # the fraction converges fast only below this point: use the symmetry
+        return 1.0 - _incomplete_beta(b, a, 1.0 - x)
+    tiny = 1e-300
+    c, d = 1.0, 1.0 - (a + b) * x / (a + 1)
+    d = 1.0 / (d if abs(d) > tiny else tiny)
+    value = d
+    for m in range(1, 500):
+        for numerator in (m * (b - m) * x / ((a + 2 * m - 1) * (a + 2 * m)),
+                          -(a + m) * (a + b + m) * x / ((a + 2 * m) * (a + 2 * m + 1))):
+            d = 1.0 + numerator * d
+            d = 1.0 / (d if abs(d) > tiny else tiny)
+            c = 1.0 + numerator / c
+            c = c if abs(c) > tiny else tiny
+            value *= c * d
+        if abs(c * d - 1.0) < 1e-15:
+            break
+    return front * value / a
 
 
 def _by_step(records: Sequence[StepRecord]) -> dict[int, StepRecord]:

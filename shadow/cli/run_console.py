@@ -29,8 +29,11 @@ class ConsoleProgress(RunCallback):
         if kind == "verdict":
             value = event["value"]
             shown = f"{value:+.4f}" if isinstance(value, float) else str(value)
+            stopped = event.get("stopped_early")
             self.last_verdict = (f"{event['purpose']} [{event['window_start']}, {event['window_end']}) "
-                                 f"{event['metric']}={shown} {event['level']}")
+                                 f"{event['metric']}={shown} {event['level']}"
+                                 + (f" (stopped early at {stopped['steps']} of {stopped['planned_steps']} steps)"
+                                    if stopped else ""))
             self._print(f"verdict: {self.last_verdict}")
         elif kind == "decision" and event["kind"] != "note":
             self._print(f"decision: {event['kind']}: {event['reason']}")

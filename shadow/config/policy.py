@@ -33,6 +33,7 @@ class Metric(str, Enum):
 
 
 EVAL_METRICS = (Metric.EVAL_GAP, Metric.REL_EVAL_GAP)
+EARLY_STOP_METRICS = (Metric.MEAN_GAP, Metric.REL_MEAN_GAP)  # a window's mean gap, which early stopping bounds
 
 
 class ReplayPrecision(str, Enum):
@@ -72,19 +73,56 @@ class ReplayResourcesConfig:
 
 
 @dataclass
+class EarlyStopConfig:
+    """Windows that end once their paired per-step gaps decide them (docs/policies.md#early-stopping).
+
+    After `min_steps` compared steps, and after every further step, two t-intervals at `confidence` (in
+    `compare.metric`'s unit: divided by the BF16 side's mean loss for rel_mean_gap) are tested: that of
+    the mean gap of the steps so far, and that of the whole window's mean gap projected from them by
+    their trend. Both wholly within `thresholds.warn` (their size, when two-sided) end the window as
+    clean, both wholly beyond `thresholds.switch` as a violation; otherwise the window goes on, at most to
+    `window_steps`. Verification and probe windows of the cadence only: triggered windows run through
+    the step that fired, noise windows measure the whole window. Needs compare.metric mean_gap or
+    rel_mean_gap (the statistic is a mean).
+    """
+
+    min_steps: int = 0  # compared steps before a window may end early; 0 = every window runs its window_steps
+    confidence: float = 0.99  # two-sided confidence of the intervals at each look (0.99: 0.5% per look per side)
+
+    def problems(self):
+        found = []
+        if self.min_steps != 0 and self.min_steps < 3:
+            found.append(("min_steps", self.min_steps, "0 (off) or at least 3 (a trend's interval needs three gaps)"))
+        if not (math.isfinite(self.confidence) and 0.0 < self.confidence < 1.0):
+            found.append(("confidence", self.confidence, "a fraction in (0, 1), e.g. 0.99"))
+        return found
+
+
+@dataclass
 class VerifyConfig:
     """Verification replays: BF16 re-runs of a window of the FP8 main job from its checkpoint."""
 
     every_n_steps: int = 100  # cadence: one replay from the first checkpoint committed in each span of this many steps
+    # adaptive cadence: after each clean verification window in FP8 the interval doubles, up to this many
+    # steps; a warn, a violation, a trigger or a switch either way brings it back to every_n_steps.
+    # 0 = a fixed cadence of every_n_steps
+    max_every_n_steps: int = 0
     window_steps: int = 50  # W: steps each replay (verification or probe) re-trains from its checkpoint
     max_concurrent_replays: int = 1  # replays running at the same time, all purposes together
     replay_retries: int = 1  # a failed replay (worker died, error) is retried this often, then skipped
     replay_precision: ReplayPrecision = ReplayPrecision.BF16  # precision of verification replays
     eval_batches: int = 0  # held-out batches both sides evaluate at the window's end; 0 = no evaluation
     replay_resources: ReplayResourcesConfig = field(default_factory=ReplayResourcesConfig)
+    early_stop: EarlyStopConfig = field(default_factory=EarlyStopConfig)  # windows that end once decided
 
     def problems(self):
         found = []
+        if self.max_every_n_steps != 0 and self.max_every_n_steps < self.every_n_steps:
+            found.append(("max_every_n_steps", self.max_every_n_steps,
+                          f"0 (a fixed cadence) or at least every_n_steps ({self.every_n_steps})"))
+        if self.early_stop.min_steps >= self.window_steps >= 1:
+            found.append(("early_stop.min_steps", self.early_stop.min_steps,
+                          f"fewer than window_steps ({self.window_steps}), or 0 (off)"))
         if self.replay_retries < 0:
             found.append(("replay_retries", self.replay_retries, "a non-negative integer"))
         for name in ("every_n_steps", "window_steps", "max_concurrent_replays"):
@@ -123,6 +161,11 @@ class ThresholdsConfig:
     switch: float = 0.03  # above this a window is a violation; `consecutive` of them switch the main job to BF16
     consecutive: int = 2  # violations in a row before switching (a window at or below `switch` resets the count)
     trend_windows: int = 0  # warn when the metric (its size when two-sided) grew in each of the last N verification windows; 0 = off
+    # accumulated evidence (CUSUM over verification windows): each window adds metric - warn (its size
+    # beyond warn) to a running sum floored at 0, a sum per sign when two-sided; once a sum is above this
+    # over two or more windows in a row, the policy switches as on a violation. Clean windows only lower
+    # it, so a run whose windows are all clean never switches on it. 0 = off
+    evidence_limit: float = 0.0
     # judge gaps in FP8's favour (the BF16 side worse) by their size too: FP8 and BF16 disagree either way.
     # A model that came to depend on FP8's clipping does worse when BF16 replays it (an FP8 fault that
     # began before the window); false: only FP8-worse gaps count
@@ -140,6 +183,8 @@ class ThresholdsConfig:
             found.append(("consecutive", self.consecutive, "a positive integer"))
         if self.trend_windows < 0 or self.trend_windows == 1:
             found.append(("trend_windows", self.trend_windows, "0 (off) or at least 2"))
+        if not (math.isfinite(self.evidence_limit) and self.evidence_limit >= 0):
+            found.append(("evidence_limit", self.evidence_limit, "0 (off) or a finite positive number"))
         return found
 
 
@@ -162,6 +207,26 @@ class ReturnToFp8Config:
         return found
 
 
+class PayAct(str, Enum):
+    REPORT = "report"  # a WARN decision: FP8 does not pay on this job; nothing changes
+    SWITCH = "switch"  # the main job switches to BF16 and stays there to the end (no probes)
+
+
+@dataclass
+class Fp8MustPayConfig:
+    """Does FP8 pay on this job? Judged once per run, from the step times the run itself measured:
+    FP8 steps against BF16 steps on the same kind of device and rank count (the main job's own BF16
+    steps, or replays on its device and rank count; see docs/policies.md#the-ledger)."""
+
+    min_speedup: float = 0.0  # FP8 must be this much faster per step (BF16 step time / FP8 step time); 0 = not judged
+    act: PayAct = PayAct.REPORT  # when it is not: report, or switch the main job to BF16 to the end
+
+    def problems(self):
+        if not (math.isfinite(self.min_speedup) and self.min_speedup >= 0):
+            return [("min_speedup", self.min_speedup, "0 (not judged) or a finite positive factor, e.g. 1.05")]
+        return []
+
+
 @dataclass
 class ActionConfig:
     """What the controller does with violations."""
@@ -170,6 +235,7 @@ class ActionConfig:
     on_switch: OnSwitch = OnSwitch.BF16  # how the main job continues in BF16: bf16, rollback or adopt_replay
     max_switches: int = 3  # FP8->BF16 fallbacks allowed; the one that reaches this number is final
     return_to_fp8: ReturnToFp8Config = field(default_factory=ReturnToFp8Config)
+    fp8_must_pay: Fp8MustPayConfig = field(default_factory=Fp8MustPayConfig)  # act on the measured FP8 speedup
 
     def problems(self):
         if self.max_switches < 1:
@@ -264,6 +330,10 @@ class Policy:
         if self.compare.metric in EVAL_METRICS and self.verify.eval_batches < 1:
             found.append(("compare.metric", self.compare.metric.value,
                           "a training-loss metric, or verify.eval_batches > 0 for an eval metric"))
+        if self.verify.early_stop.min_steps and self.compare.metric not in EARLY_STOP_METRICS:
+            found.append(("verify.early_stop.min_steps", self.verify.early_stop.min_steps,
+                          (f"0 with compare.metric {self.compare.metric.value} (early stopping tests a mean: "
+                           "use compare.metric mean_gap or rel_mean_gap)")))
         return found
 
 

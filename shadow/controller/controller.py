@@ -36,6 +36,7 @@ from shadow.controller.errors import ControllerError, first_line
 from shadow.controller.ledger import CheckpointLedger
 from shadow.controller.main_job import MainJob
 from shadow.controller.resume import ResumePoint
+from shadow.controller.speed import MainSetup, StepTimes, describe
 from shadow.controller.state import ALLOWED, Phase, RunState
 from shadow.distributed import exact_across_world_sizes
 from shadow.memory_plan import plan_memory
@@ -43,7 +44,7 @@ from shadow.precision.convert import fp8_layers_report
 from shadow.controller.summary import build_summary
 from shadow.controller.verification import Verification
 from shadow.controller.windows import Replay
-from shadow.policy import Decision, DecisionKind, decide
+from shadow.policy import Decision, DecisionKind, cadence, decide, judge_speed
 
 
 class Controller:
@@ -68,9 +69,13 @@ class Controller:
                                        waits_s=resume.checkpoint_waits_s if resume else ())
         self.main = MainJob(job, store_uri, run, history=resume.history if resume else (),
                             trained=resume.trained if resume else ())
+        # FP8 and BF16 step times of the main job and the replays (the measured speedup), and where the main
+        # job's steps run once it started
+        self.step_times = StepTimes.resumed(resume.trained, resume.replay_times) if resume else StepTimes()
+        self.main_setup: MainSetup | None = None
         self.verification = Verification(job, store_uri, run, ledger=self.ledger, events=self.events,
                                          callbacks=callbacks, regime=self.state.regime, lineage=self.state.lineage,
-                                         resume=resume)
+                                         resume=resume, step_times=self.step_times)
         self.started = time.perf_counter()
 
     def emit(self, event_name: str, /, **payload) -> dict:
@@ -171,7 +176,7 @@ class Controller:
                     if result is not None:
                         self._on_chunk(result)
             else:
-                self.verification.on_done(ref, self.policy)
+                self.verification.on_done(ref, self.policy, self.state.policy_state, self.main.history)
             if not self.main.chunk_running:
                 self._decision_point()
             self._schedule()
@@ -204,7 +209,10 @@ class Controller:
 
     def _start_main_group(self) -> None:
         nodes = self.main.start_group()
-        self.emit("main_started", ranks=len(nodes), nodes=nodes, generation=self.main.generation)
+        where = self.main.call("describe")
+        self.main_setup = MainSetup(where["device"], len(nodes), where["emulated"])
+        self.emit("main_started", ranks=len(nodes), nodes=nodes, generation=self.main.generation,
+                  device=where["device"], fp8_emulated=where["emulated"])
 
     def _emit_memory_plan(self) -> None:
         """Per-rank memory of the main job and of a replay (each rank checks its own device when it starts)."""
@@ -240,8 +248,13 @@ class Controller:
     def _on_chunk(self, result) -> None:
         for callback in self.callbacks:
             callback.on_main_records(result.records)
+        self.step_times.add_main(result.records)
         self._record_checkpoints(result.checkpoint_events)
-        self.verification.after_chunk(result.records, self.policy, self.state.policy_state)
+        alarms = self.verification.after_chunk(result.records, self.policy, self.state.policy_state)
+        if alarms and self.state.policy_state.cadence_doublings:
+            self.state = replace(self.state, policy_state=cadence.back_to_base(self.state.policy_state))
+            self.emit("cadence_reset", reason=alarms[0], every_n_steps=self.policy.verify.every_n_steps,
+                      state=self.state.to_dict())
 
     def _record_checkpoints(self, checkpoint_events: list[dict]) -> None:
         self.ledger.record(checkpoint_events, self.state.lineage)
@@ -287,6 +300,25 @@ class Controller:
                 self.emit("replay_discarded", name=replay.name, reason="a switch was applied before it was judged")
                 continue
             self._judge(replay)
+        self._judge_speed()
+
+    def _judge_speed(self) -> None:
+        """`action.fp8_must_pay`: once the run has measured both precisions, does FP8 pay on this job?"""
+        measured = self.step_times.measured(self.main_setup)
+        if measured is None:
+            return
+        outcome = judge_speed(self.policy, self.state.policy_state, fp8_speedup=measured["fp8_speedup"],
+                              measured=describe(measured), main_step=self.main.step)
+        if outcome is None:
+            return
+        self.state = replace(self.state, policy_state=outcome.state)
+        for decision in outcome.decisions:
+            # about no replay window (`name`, which MLflow would look for): the setting that judged it instead
+            self.emit("decision", name=None, policy_key="action.fp8_must_pay", **decision.to_dict(),
+                      state=self.state.to_dict())
+        self.events.commit_point()
+        for decision in outcome.decisions:
+            self._apply(decision, None)
 
     def _reload_policy(self) -> None:
         if self.watcher is None:
@@ -318,7 +350,10 @@ class Controller:
         level = next((d.payload.get("level") for d in outcome.decisions if "level" in d.payload), "not judged")
         row = {"name": replay.name, "purpose": replay.request.purpose.value, "window_start": window.start,
                "window_end": window.stop, "metric": metric, "value": verdict.metric(metric), "level": level,
-               "kind": verdict.kind.value}
+               "kind": verdict.kind.value,
+               # a window cut short once its records decided it: at how many of its planned steps, and why
+               "stopped_early": {"steps": len(window), "planned_steps": replay.planned_steps,
+                                 **replay.early_stop.to_dict()} if replay.early_stop else None}
         self.verdict_rows.append(row)
         self.emit("verdict", **row, verdict=verdict.to_dict())
         for decision in outcome.decisions:
@@ -328,7 +363,7 @@ class Controller:
             self._apply(decision, replay)
         self.ledger.pin_rollback_target(self.state.policy_state.last_verified_step)
 
-    def _apply(self, decision: Decision, replay: Replay) -> None:
+    def _apply(self, decision: Decision, replay: Replay | None) -> None:
         if decision.kind is DecisionKind.SWITCH_TO_BF16:
             on_switch = OnSwitch(decision.payload.get("on_switch", OnSwitch.BF16.value))
             if on_switch is OnSwitch.ROLLBACK:
@@ -389,5 +424,7 @@ class Controller:
                              num_precision_switches=self.state.num_precision_switches,
                              final_eval_loss=self.final_eval_loss,
                              checkpoint_waits_s=self.ledger.waits_s, fp8_speedup=self.job.run.fp8_speedup,
+                             measured=self.step_times.measured(self.main_setup),
+                             not_measured=self.step_times.why_not(self.main_setup),
                              wall_s=time.perf_counter() - self.started, phase=self.phase.value,
                              policy_state=self.state.policy_state.to_dict())

@@ -4,6 +4,9 @@ Each replay runs on a group of `verify.replay_resources.num_ranks` ranks on its 
 when the micro-batches of the main job's step (num_ranks x grad_accum) are shared by fewer replay
 ranks, each replay rank accumulates more of them, so the loss of a step is the loss over the same
 global batch. A group that cannot get its resources waits (reported) and never blocks the main job.
+A window runs as one or more calls of its group (`start`, then `advance`), each returning the records
+of the steps it trained (`ReplayChunk`): the controller decides after each chunk whether the window goes
+on. The group stays with the window until its last chunk returns.
 What a window means and where it is in its life cycle is `windows.py`'s business; this pool only runs them.
 """
 
@@ -16,17 +19,18 @@ import ray
 
 from shadow.config.job import JobConfig
 from shadow.config.policy import Policy
-from shadow.controller.actors import ReplayResult, ReplayTask, ReplayWorker
+from shadow.controller.actors import ReplayChunk, ReplayTask, ReplayWorker
 from shadow.controller.groups import RankGroup
 from shadow.controller.windows import Replay
 
 
 @dataclass
 class _Run:
-    """A replay on its group: the futures of its ranks, and those not returned yet."""
+    """A replay on its group: the futures of its ranks for the running chunk, and those not returned yet."""
 
     replay: Replay
     group: RankGroup
+    task: ReplayTask
     refs: list
     pending: list = field(default_factory=list)
     started_at: float = field(default_factory=time.monotonic)
@@ -56,20 +60,28 @@ class ReplayPool:
         group.setup()  # queued before the first run on every rank; not waited for
         return group
 
-    def start(self, replay: Replay, policy: Policy) -> None:
-        """Start (or retry) a replay on an idle group of the right size, or a new one."""
+    def start(self, replay: Replay, policy: Policy, until_step: int, last: bool) -> None:
+        """Start (or retry) a replay on an idle group of the right size, or a new one: its first chunk,
+        up to `until_step` (`last`: the window ends there)."""
         group = self._group(policy)
         task = ReplayTask(replay.request.start_step, replay.request.num_steps, replay.request.precision,
                           self.store_uri, self.run, policy.verify.eval_batches, replay.save_end_run, replay.attempt)
-        refs = group.call("run", task)
-        self._runs.append(_Run(replay, group, refs, pending=list(refs)))
+        refs = group.call("run", task, until_step, last)
+        self._runs.append(_Run(replay, group, task, refs, pending=list(refs)))
+
+    def advance(self, replay: Replay, until_step: int, last: bool) -> None:
+        """The replay's next chunk, on the group that ran the ones before."""
+        run = next(r for r in self._runs if r.replay is replay)
+        run.refs = run.group.call("run", run.task, until_step, last)
+        run.pending = list(run.refs)
 
     def refs(self) -> list:
         return [ref for run in self._runs for ref in run.pending]
 
-    def collect(self, ref) -> tuple[Replay, ReplayResult | None, Exception | None] | None:
-        """A rank returned: (replay, result, None) once every rank of it is done; (replay, None, error) at
-        the first failure (the group is discarded if a rank died); None while ranks are still running."""
+    def collect(self, ref) -> tuple[Replay, ReplayChunk | None, Exception | None] | None:
+        """A rank returned: (replay, chunk, None) once every rank of the chunk is done; (replay, None, error)
+        at the first failure (the group is discarded if a rank died); None while ranks are still running.
+        The group is freed with the window's last chunk, or kept for the `advance` that follows."""
         run = next(r for r in self._runs if any(ref == p for p in r.pending))
         run.pending = [r for r in run.pending if r != ref]
         try:
@@ -82,8 +94,10 @@ class ReplayPool:
             return run.replay, None, exc
         if run.pending:
             return None
-        self._end(run, keep_group=True)
-        return run.replay, ray.get(run.refs[0]), None
+        chunk = ray.get(run.refs[0])
+        if chunk.last:
+            self._end(run, keep_group=True)
+        return run.replay, chunk, None
 
     def _end(self, run: _Run, keep_group: bool) -> None:
         self._runs.remove(run)

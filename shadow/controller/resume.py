@@ -39,6 +39,7 @@ class ResumePoint:
     num_replays: int
     num_triggered_replays: int
     checkpoint_waits_s: list[float]  # the loop's waits for a previous save, every commit of the run so far
+    replay_times: list[tuple[list[StepRecord], str, int]]  # each finished replay's rows, device and rank count
 
 
 def load_resume_point(run_dir: str | Path, run: str, store_uri: str, job_hash: str,
@@ -96,4 +97,15 @@ def load_resume_point(run_dir: str | Path, run: str, store_uri: str, job_hash: s
         num_replays=sum(1 for e in events if e["event"] == "replay_started"),
         num_triggered_replays=sum(1 for e in events if e["event"] == "replay_started" and e.get("triggered")),
         checkpoint_waits_s=[e.get("wait_s", 0.0) for e in events if e["event"] == "checkpoint_committed"],
+        replay_times=_replay_times(Path(run_dir), events),
     )
+
+
+def _replay_times(run_dir: Path, events: list[dict]) -> list[tuple[list[StepRecord], str, int]]:
+    """Every finished replay's rows (their step times), with the device and rank count they ran on."""
+    found = []
+    for event in events:
+        path = run_dir / "replays" / f"{event.get('name')}.jsonl"
+        if event["event"] == "replay_finished" and "device" in event and path.exists():
+            found.append((read_trajectory(path), event["device"], event["ranks"]))
+    return found

@@ -1,29 +1,46 @@
 """The end-of-run figures (`summary.json`) and the table `shadow run` prints.
 
-Effective speedup, in units of one BF16 step (s = the FP8 speedup factor, `run.fp8_speedup`):
+Effective speedup, in units of one BF16 step (s = the FP8 speedup factor per step):
     baseline      = kept steps                        (an all-BF16 run trains each step once)
     main cost     = fp8 steps / s + bf16 steps        (every step the main job trained, discarded ones too)
-    replay cost   = bf16 replay steps + fp8 replay steps / s
+    replay cost   = bf16 replay steps + fp8 replay steps / s   (the steps replays actually ran)
     wall speedup     = baseline / main cost                  (replays on their own resources, overlapped)
     compute speedup  = baseline / (main cost + replay cost)  (accelerator-hours, verification included)
+s is the speedup the run measured (`shadow/controller/speed.py`: FP8 and BF16 step times on the main
+job's kind of device and rank count) when it measured one: `effective_speedup.basis` is then
+"measured" and `effective_speedup.measured` says what it rests on; otherwise the assumed
+`run.fp8_speedup`, with `basis` "assumed", `measured` null and `assumed.why` saying what was missing.
 """
 
 from __future__ import annotations
 
 import statistics
 
+from shadow.controller.speed import describe
 from shadow.records import StepRecord
 
 
 def effective_speedup(*, kept_steps: int, trained_fp8: int, trained_bf16: int, replay_bf16: int,
                       replay_fp8: int, fp8_speedup: float) -> dict:
+    """Wall and compute speedups over an all-BF16 run, for FP8 steps `fp8_speedup` x as fast as BF16 ones."""
     main_cost = trained_fp8 / fp8_speedup + trained_bf16
     replay_cost = replay_bf16 + replay_fp8 / fp8_speedup
     return {
-        "fp8_speedup_assumed": fp8_speedup,
         "wall": kept_steps / main_cost if main_cost else None,
         "compute": kept_steps / (main_cost + replay_cost) if main_cost + replay_cost else None,
     }
+
+
+def speedup_ledger(counts: dict, *, measured: dict | None, assumed: float, not_measured: str) -> dict:
+    """`effective_speedup` of summary.json: the figures from the measured speedup where there is one,
+    else from the assumed one, labelled which."""
+    if measured is not None:
+        figures = effective_speedup(**counts, fp8_speedup=measured["fp8_speedup"])
+        return {"basis": "measured", "fp8_speedup": measured["fp8_speedup"], **figures,
+                "measured": {**measured, **figures}, "assumed": None}
+    figures = effective_speedup(**counts, fp8_speedup=assumed)
+    return {"basis": "assumed", "fp8_speedup": assumed, **figures, "measured": None,
+            "assumed": {"fp8_speedup": assumed, **figures, "why": f"nothing comparable measured: {not_measured}"}}
 
 
 def checkpoint_waits(waits_s: list[float]) -> dict:
@@ -36,7 +53,8 @@ def checkpoint_waits(waits_s: list[float]) -> dict:
 def build_summary(*, history: list[StepRecord], trained: list[StepRecord], replay_steps: dict[str, int],
                   verdicts: list[dict], triggers: list[dict], num_triggered_replays: int,
                   num_precision_switches: int, final_eval_loss: float | None, checkpoint_waits_s: list[float],
-                  fp8_speedup: float, wall_s: float, phase: str, policy_state: dict) -> dict:
+                  fp8_speedup: float, measured: dict | None, not_measured: str, wall_s: float, phase: str,
+                  policy_state: dict) -> dict:
     trained_fp8 = sum(1 for r in trained if r.precision == "fp8")
     trained_bf16 = len(trained) - trained_fp8
     purposes = [v["purpose"] for v in verdicts]
@@ -62,9 +80,10 @@ def build_summary(*, history: list[StepRecord], trained: list[StepRecord], repla
         "verdicts": verdicts,
         "replay_steps": replay_steps,
         "verification_cost": sum(replay_steps.values()) / len(trained) if trained else 0.0,
-        "effective_speedup": effective_speedup(
-            kept_steps=len(history), trained_fp8=trained_fp8, trained_bf16=trained_bf16,
-            replay_bf16=replay_steps.get("bf16", 0), replay_fp8=replay_steps.get("fp8", 0), fp8_speedup=fp8_speedup),
+        "effective_speedup": speedup_ledger(
+            {"kept_steps": len(history), "trained_fp8": trained_fp8, "trained_bf16": trained_bf16,
+             "replay_bf16": replay_steps.get("bf16", 0), "replay_fp8": replay_steps.get("fp8", 0)},
+            measured=measured, assumed=fp8_speedup, not_measured=not_measured),
         "measured_step_time_s": {p: statistics.median(t) if t else None for p, t in step_times.items()},
         "checkpoint_waits": checkpoint_waits(checkpoint_waits_s),
         "wall_s": wall_s,
@@ -88,7 +107,8 @@ def format_summary(summary: dict) -> str:
         f"checkpoint waits {summary['checkpoint_waits']['num_waited']} of {summary['checkpoint_waits']['num_saves']} "
         f"saves waited for the previous one, {summary['checkpoint_waits']['total_s']:.2f} s in all",
         f"effective speedup wall {_num(speed['wall'], '.2f')}x   compute {_num(speed['compute'], '.2f')}x   "
-        f"(assuming FP8 = {speed['fp8_speedup_assumed']}x BF16 per step)",
+        + (f"(measured: {describe(speed['measured'])})" if speed["measured"] else
+           f"(assumed: FP8 = {speed['fp8_speedup']:g}x BF16 per step, run.fp8_speedup; {speed['assumed']['why']})"),
         f"wall time        {summary['wall_s']:.1f} s",
     ]
     if summary["verdicts"]:
@@ -96,8 +116,11 @@ def format_summary(summary: dict) -> str:
         lines.append(f"{'window':<16}{'purpose':<9}{'metric':<14}{'value':>10}  level")
         for verdict in summary["verdicts"]:
             window = f"[{verdict['window_start']}, {verdict['window_end']})"
+            stopped = verdict.get("stopped_early")
             lines.append(f"{window:<16}{verdict['purpose']:<9}{verdict['metric']:<14}"
-                         f"{_num(verdict['value'], '+.4f'):>10}  {verdict['level']}")
+                         f"{_num(verdict['value'], '+.4f'):>10}  {verdict['level']}"
+                         + (f" (stopped early at {stopped['steps']} of {stopped['planned_steps']} steps)"
+                            if stopped else ""))
     return "\n".join(lines)
 
 

@@ -6,7 +6,9 @@
         └───────────┴──────────────► given up (failed too often, or never got its resources)
 
 `requested` windows come from triggers and wait for a free replay slot; the cadence's windows start
-running at once. A `finished` window waits until the main job has trained its steps, then is judged.
+running at once. A running window's records arrive chunk by chunk; one that its records already decide
+(`verify.early_stop`) is cut to the steps it ran (`stop_early`) and ends at once. A `finished` window
+waits until the main job has trained its steps, then is judged.
 The windows of the current regime (its precision and lineage) are the only ones that count: a
 precision switch, a rollback or a restart of the main job starts a new one (`new_regime`,
 `new_lineage`), and replays of an older one are discarded when they end. This is the one place that
@@ -15,10 +17,12 @@ answers "is step s covered?" (`covering`) and "which windows are taken?" (`in_fl
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 
 from shadow.controller.actors import ReplayResult
 from shadow.policy import Purpose, ReplayRequest
+from shadow.policy.early_stop import EarlyStop
+from shadow.records import StepRecord
 
 
 @dataclass
@@ -31,7 +35,11 @@ class Replay:
     lineage: int
     pin: str  # pin reason holding the start checkpoint against retention while it runs
     save_end_run: str | None = None  # where its end state is saved (on_switch: adopt_replay)
+    stoppable: bool = False  # may end before its last step once its records decide it (verify.early_stop)
     attempt: int = 0  # 0 for the first try, then one more per retry
+    records: list[StepRecord] = field(default_factory=list)  # the running attempt's records so far
+    planned_steps: int = 0  # the window's steps when it started (`request.num_steps` shrinks if it stops early)
+    early_stop: EarlyStop | None = None  # why it ended before `planned_steps`, if it did
     result: ReplayResult | None = None
 
     @property
@@ -78,19 +86,28 @@ class ReplayWindows:
         taken, self.requested = self.requested[:max(num_free_slots, 0)], self.requested[max(num_free_slots, 0):]
         return taken
 
-    def open(self, request: ReplayRequest, *, save_end: bool, run: str) -> Replay:
+    def open(self, request: ReplayRequest, *, save_end: bool, run: str, stoppable: bool = False) -> Replay:
         """A replay of `request` in the current regime, named and numbered (not running yet: its start
         checkpoint must be pinned first, see `start`)."""
         self.num_started += 1
         name = f"{self.num_started:03d}-{request.purpose.value}-{request.precision}-at-{request.start_step:09d}"
         return Replay(name, request, self.regime, self.lineage, pin=f"replay-{self.num_started}",
-                      save_end_run=f"{run}-replays/{name}" if save_end else None)
+                      save_end_run=f"{run}-replays/{name}" if save_end else None, stoppable=stoppable,
+                      planned_steps=request.num_steps)
 
     def start(self, replay: Replay) -> None:
         self.running.append(replay)
 
     def retry(self, replay: Replay) -> None:
+        """Run the window again from its start: what the failed attempt streamed is dropped."""
         replay.attempt += 1
+        replay.records = []
+
+    def stop_early(self, replay: Replay, why: EarlyStop | None) -> None:
+        """The window ends after the steps it has run: from now on it covers only those. `why` is None
+        when it ends because it went stale (a switch came first): it is discarded, not judged."""
+        replay.request = replace(replay.request, num_steps=len(replay.records))
+        replay.early_stop = why
 
     def finish(self, replay: Replay, result: ReplayResult) -> bool:
         """The replay returned its records. False if it is stale (discarded); else it waits for its verdict."""

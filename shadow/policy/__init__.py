@@ -22,6 +22,7 @@ already judged in the regime, or starting before the regime (`since_step`), is o
 | FP8 | verify window | violation, streak = `consecutive` (non-finite FP8: at once) | SWITCH_TO_BF16(`on_switch`) | BF16_FALLBACK |
 | FP8, FP8_PROBATION | verify window | as above, and the fallback reaches `max_switches` | SWITCH_TO_BF16, STAY_BF16 | BF16_FOREVER |
 | FP8 / FP8_PROBATION | verify window | metric grew over the last `trend_windows` windows | extra WARN | unchanged |
+| FP8 / FP8_PROBATION | verify window | warn or violation, accumulated evidence beyond `evidence_limit` | SWITCH_TO_BF16(`on_switch`) | BF16_FALLBACK |
 | BF16_FALLBACK | probe window | clean, clean probes < `clean_probes` | NOTE "clean probe k of n" | BF16_FALLBACK |
 | BF16_FALLBACK | probe window | clean probes = `clean_probes` | SWITCH_TO_FP8 | FP8_PROBATION (FP8 if `probation_windows` = 0) |
 | BF16_FALLBACK | probe window | warn or violation | NOTE (clean probes reset) | BF16_FALLBACK |
@@ -35,19 +36,26 @@ already judged in the regime, or starting before the regime (`since_step`), is o
 | any | stale, mismatched or unjudgeable window | - | NOTE with the reason | unchanged |
 | any, `action.mode: observe` | a row above with SWITCH_* / STAY_BF16 | - | REPORT "would ..." instead | unchanged (counters still count) |
 
+Beside the table: `cadence` holds the adaptive verification interval (a counter in the state that
+clean windows raise and anything else resets), `evidence` the CUSUM over windows behind the
+evidence row, `early_stop` whether a running window's steps already decide it, and `pays` the
+once-per-run judgement of the measured FP8 speedup (`action.fp8_must_pay`: WARN, or STAY_BF16).
+
 `on_switch` sets where BF16 training resumes (`payload["resume_step"]`): `bf16` at the current main
 step; `rollback` at the start of the last clean verification window of the regime, or, without one,
 at the start of the first window of the violating streak; `adopt_replay` at the end of the violating
 window, from the replay's BF16 end state.
 """
 
+from shadow.policy import cadence
 from shadow.policy.decide import decide, purpose_of
 from shadow.policy.noise import calibrate, effective_thresholds, scale_thresholds
+from shadow.policy.pays import judge_speed
 from shadow.policy.schedule import due_replays
 from shadow.policy.state import (Decision, DecisionKind, Decisions, Machine, PolicyState, Purpose,
                                  ReplayRequest)
 from shadow.policy.triggers import Firing, TriggerState, watch
 
 __all__ = ["Decision", "DecisionKind", "Decisions", "Firing", "Machine", "PolicyState", "Purpose", "ReplayRequest",
-           "TriggerState", "calibrate", "decide", "due_replays", "effective_thresholds", "purpose_of",
-           "scale_thresholds", "watch"]
+           "TriggerState", "cadence", "calibrate", "decide", "due_replays", "effective_thresholds", "judge_speed",
+           "purpose_of", "scale_thresholds", "watch"]

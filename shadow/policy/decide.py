@@ -13,6 +13,7 @@ from typing import Sequence
 
 from shadow.compare import Verdict, VerdictKind, trend_of
 from shadow.config.policy import Mode, OnSwitch, Policy, ThresholdsConfig
+from shadow.policy import cadence, evidence
 from shadow.policy.noise import effective_thresholds, noise_value
 from shadow.policy.state import (ACTIONS, Decision, DecisionKind, Decisions, Machine, PolicyState,
                                  Purpose)
@@ -48,7 +49,7 @@ def decide(policy: Policy, state: PolicyState, verdict: Verdict, *, main_step: i
     if state.machine is Machine.BF16_FALLBACK and state.num_fallbacks >= policy.action.max_switches:
         stay = Decision(DecisionKind.STAY_BF16, f"{state.num_fallbacks} fallbacks reach action.max_switches="
                         f"{policy.action.max_switches}: the job stays BF16 to the end", {})
-        return _act(policy, state, replace(state, machine=Machine.BF16_FOREVER), [stay])
+        return act(policy, state, replace(state, machine=Machine.BF16_FOREVER), [stay])
 
     if verdict.window_start < state.since_step:
         return _keep(state, DecisionKind.NOTE, f"{window} ignored: it starts before the current regime "
@@ -77,7 +78,7 @@ def decide(policy: Policy, state: PolicyState, verdict: Verdict, *, main_step: i
         return _on_probe(policy, state, level, text, payload, main_step)
     windows = state.recent_verifications + ((verdict.window_start, payload["value"]),)
     state = replace(state, recent_verifications=_remembered(policy, windows))
-    return _on_verification(policy, state, windows, verdict, level, text, payload, main_step)
+    return _on_verification(policy, thresholds, state, windows, verdict, level, text, payload, main_step)
 
 
 def _remembered(policy: Policy, windows: tuple[tuple[int, float | None], ...]) -> tuple[tuple[int, float], ...]:
@@ -107,12 +108,17 @@ def _classify(policy: Policy, thresholds: ThresholdsConfig, verdict: Verdict) ->
     return Level.CLEAN, f"{shown} within warn {thresholds.warn:g} (switch {thresholds.switch:g})"
 
 
-def _on_verification(policy, state, windows, verdict, level, text, payload, main_step) -> Decisions:
+def _on_verification(policy, thresholds, state, windows, verdict, level, text, payload, main_step) -> Decisions:
     if level is Level.UNAVAILABLE:
         return _keep(state, DecisionKind.NOTE, text, payload)
+    pending = policy.noise.enabled and state.noise_floor is None
+    if not pending:
+        state = evidence.accumulate(policy, thresholds, state, payload["value"], verdict.window_start)
     if level is Level.CLEAN:
-        state = replace(state, num_violations_in_row=0, streak_start_step=None,
+        state = replace(cadence.after_clean(policy, state), num_violations_in_row=0, streak_start_step=None,
                         last_verified_step=max(state.last_verified_step or 0, verdict.window_start))
+        if policy.verify.max_every_n_steps:
+            text += f"; verification interval {cadence.interval(policy, state)} steps"
         decisions = [Decision(DecisionKind.NOTE, f"{text}: clean", payload)]
         probation = policy.action.return_to_fp8.probation_windows
         if state.machine is Machine.FP8_PROBATION:
@@ -123,11 +129,16 @@ def _on_verification(policy, state, windows, verdict, level, text, payload, main
             decisions.append(Decision(DecisionKind.NOTE, f"probation: {state.num_clean_probation_windows} of "
                                       f"{probation} clean windows" + ("; FP8 trusted again" if done else ""), payload))
         return Decisions(state, tuple(decisions + _trend_warning(policy, windows, payload)))
+    if state.cadence_doublings:
+        text += f"; verification interval back to {policy.verify.every_n_steps} steps"
+        state = cadence.back_to_base(state)
+    accumulated = evidence.beyond_limit(policy, state)
     if level is Level.WARN:
         state = replace(state, num_violations_in_row=0, streak_start_step=None)
+        if accumulated is not None:
+            return _switch_on_evidence(policy, state, accumulated, verdict, text, payload, main_step)
         return _keep(state, DecisionKind.WARN, text, payload)
 
-    pending = policy.noise.enabled and state.noise_floor is None
     if pending and not verdict.fp8_nonfinite:
         return _keep(state, DecisionKind.WARN, f"{text}: not counted, noise calibration pending "
                      f"({len(state.noise_values)} of {policy.noise.num_windows} windows)", payload)
@@ -140,18 +151,31 @@ def _on_verification(policy, state, windows, verdict, level, text, payload, main
     if in_probation:
         streak += " (in probation one is enough)"
     if counted.num_violations_in_row < required:
+        if accumulated is not None:
+            return _switch_on_evidence(policy, counted, accumulated, verdict, f"{text}: {streak}", payload, main_step)
         return _keep(counted, DecisionKind.WARN, f"{text}: {streak}", payload)
     return _switch_to_bf16(policy, counted, verdict, f"{text}: {streak}", payload, main_step)
 
 
-def _switch_to_bf16(policy, counted: PolicyState, verdict: Verdict, text: str, payload: dict,
-                    main_step: int) -> Decisions:
+def _switch_on_evidence(policy, state, accumulated, verdict, text, payload, main_step) -> Decisions:
+    """Accumulated evidence acts as a violation streak would; without a clean window to roll back to,
+    a rollback returns to the first window of the evidence."""
+    reason, extra = evidence.describe(policy, *accumulated)
+    first = accumulated[1].first_start
+    if state.streak_start_step is None or first < state.streak_start_step:
+        state = replace(state, streak_start_step=first)
+    return _switch_to_bf16(policy, state, verdict, f"{text}: {reason}", {**payload, **extra}, main_step,
+                           first_bad="the first window of the accumulated evidence")
+
+
+def _switch_to_bf16(policy, counted: PolicyState, verdict: Verdict, text: str, payload: dict, main_step: int,
+                    first_bad: str = "the first violating window") -> Decisions:
     on_switch = policy.action.on_switch
     if on_switch is OnSwitch.ROLLBACK:
         verified = counted.last_verified_step
         resume = verified if verified is not None else counted.streak_start_step
         how = (f"roll back to step {resume}, " + ("the last clean verification window" if verified is not None
-               else "the start of the first violating window (no clean window in this regime)"))
+               else f"the start of {first_bad} (no clean window in this regime)"))
     elif on_switch is OnSwitch.ADOPT_REPLAY:
         resume = verdict.window_end
         how = f"adopt the replay's BF16 state at step {resume}, the end of window [{verdict.window_start}, {resume})"
@@ -166,7 +190,7 @@ def _switch_to_bf16(policy, counted: PolicyState, verdict: Verdict, text: str, p
     if final:
         decisions.append(Decision(DecisionKind.STAY_BF16, f"fallback {num_fallbacks} reaches action.max_switches="
                                   f"{policy.action.max_switches}: the job stays BF16 to the end", switch_payload))
-    return _act(policy, counted, counted.new_regime(machine, resume, num_fallbacks=num_fallbacks), decisions)
+    return act(policy, counted, counted.new_regime(machine, resume, num_fallbacks=num_fallbacks), decisions)
 
 
 def _on_probe(policy, state, level, text, payload, main_step) -> Decisions:
@@ -185,7 +209,7 @@ def _on_probe(policy, state, level, text, payload, main_step) -> Decisions:
     switch = Decision(DecisionKind.SWITCH_TO_FP8, f"{text}: {progress}: switching back to FP8 at step {main_step}"
                       + (f", on probation for {probation} windows" if probation else ""),
                       {**payload, "resume_step": main_step})
-    return _act(policy, counted, counted.new_regime(machine, main_step), [switch])
+    return act(policy, counted, counted.new_regime(machine, main_step), [switch])
 
 
 def _on_noise(policy: Policy, state: PolicyState, verdict: Verdict, window: str) -> Decisions:
@@ -230,7 +254,7 @@ def _keep(state: PolicyState, kind: DecisionKind, reason: str, payload: dict | N
     return Decisions(state, (Decision(kind, reason, payload or {}),))
 
 
-def _act(policy: Policy, counted: PolicyState, acted: PolicyState, decisions: list[Decision]) -> Decisions:
+def act(policy: Policy, counted: PolicyState, acted: PolicyState, decisions: list[Decision]) -> Decisions:
     """Enforce mode: the transition. Observe mode: report it instead and keep the machine where it is
     (counters still count, so every further violating window is reported again)."""
     if policy.action.mode is Mode.ENFORCE:

@@ -7,7 +7,11 @@ comparison waits for the main job's records.
 Cadence: the steps are cut into spans of `verify.every_n_steps`; a span gets one window, from the
 first committed checkpoint in it. When replays fall behind the main job the newest spans go first and
 older ones are skipped: a verdict about the current state of training is worth more than one about
-the past, and the high-water mark never moves backwards.
+the past, and the high-water mark never moves backwards. With the adaptive cadence
+(`verify.max_every_n_steps`, `shadow/policy/cadence.py`) verification windows are `interval` apart
+instead: the next one starts at the first checkpoint at or after the start of the latest window's
+span plus the interval, and spans of the interval are counted from there (at the base interval this
+is the fixed cadence exactly).
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from bisect import bisect_left, bisect_right
 from typing import Sequence
 
 from shadow.config.policy import Policy
+from shadow.policy.cadence import interval
 from shadow.policy.state import Machine, PolicyState, Purpose, ReplayRequest
 
 
@@ -54,7 +59,9 @@ def due_replays(
     taken = [*in_flight, *settled]
     high_water = max([state.last_window_start] + [r.start_step for r in taken if r.purpose is purpose])
     every = policy.verify.every_n_steps
-    floor = max(earliest, (high_water // every + 1) * every)  # the first span without a window
+    apart = every if purpose is Purpose.PROBE else interval(policy, state)
+    origin = (high_water // every) * every + apart  # where the first span without a window starts
+    floor = max(earliest, origin)
     if noise_needed > 0:
         floor = min(floor, noise_high_water + 1)
     floor = max(floor, state.since_step)
@@ -67,8 +74,8 @@ def due_replays(
     free -= len(requests)
     first_in_span: dict[int, int] = {}
     for s in usable:
-        if s >= earliest and s // every > high_water // every:
-            first_in_span.setdefault(s // every, s)
+        if s >= earliest and s >= origin:
+            first_in_span.setdefault((s - origin) // apart, s)
     newest_first = sorted(first_in_span.values(), reverse=True)[:max(free, 0)]
     requests += [ReplayRequest(s, num_steps, precision, purpose) for s in sorted(newest_first)]
     return requests

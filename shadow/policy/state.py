@@ -49,6 +49,22 @@ class Decision:
 
 
 @dataclass(frozen=True)
+class Cusum:
+    """A one-sided CUSUM (Page's test) over verification windows: the running sum of each window's
+    excess (its metric beyond warn, in one direction), floored at 0."""
+
+    total: float = 0.0  # the sum; 0 after a window brought it to 0 or below
+    num_windows: int = 0  # windows in a row it has been above 0
+    first_start: int | None = None  # start of the first of those windows
+
+    def add(self, excess: float, window_start: int) -> Cusum:
+        total = self.total + excess
+        if total <= 0:
+            return Cusum()
+        return Cusum(total, self.num_windows + 1, self.first_start if self.num_windows else window_start)
+
+
+@dataclass(frozen=True)
 class PolicyState:
     """Where the policy stands. `since_step` starts the current regime: verdicts of windows that
     start before it belong to an earlier regime and are ignored."""
@@ -68,6 +84,15 @@ class PolicyState:
     # (window start, metric) of this regime's latest counted verification windows, at most
     # `thresholds.trend_windows - 1`: all the trend warning needs, so a decision costs the same at any run length
     recent_verifications: tuple[tuple[int, float], ...] = ()
+    # adaptive cadence (`shadow/policy/cadence.py`): the verification interval is every_n_steps x 2^this,
+    # at most verify.max_every_n_steps; one more per clean window in FP8, 0 again on a warn, a violation,
+    # a trigger or a new regime
+    cadence_doublings: int = 0
+    # accumulated evidence (`thresholds.evidence_limit`, `shadow/policy/evidence.py`): this regime's
+    # CUSUM of (metric - warn) over its verification windows, and of (-metric - warn) when two-sided
+    evidence_fp8_worse: Cusum = Cusum()
+    evidence_fp8_better: Cusum = Cusum()
+    fp8_pay_judged: bool = False  # action.fp8_must_pay has judged the measured speedup (once per run)
 
     def to_dict(self) -> dict:
         return jsonable(asdict(self))
@@ -81,13 +106,16 @@ class PolicyState:
         values["machine"] = Machine(values.get("machine", Machine.FP8))
         values["noise_values"] = tuple(float(v) for v in values.get("noise_values", ()))
         values["recent_verifications"] = tuple((int(s), float(v)) for s, v in values.get("recent_verifications", ()))
+        for name in ("evidence_fp8_worse", "evidence_fp8_better"):
+            values[name] = Cusum(**values.get(name, {}))
         return cls(**values)
 
     def new_regime(self, machine: Machine, since_step: int, **changes) -> "PolicyState":
         """State after a precision switch: counters of the old regime start over."""
         return replace(self, machine=machine, since_step=since_step, num_violations_in_row=0,
                        streak_start_step=None, last_verified_step=None, num_clean_probes=0,
-                       num_clean_probation_windows=0, last_window_start=-1, recent_verifications=(), **changes)
+                       num_clean_probation_windows=0, last_window_start=-1, recent_verifications=(),
+                       cadence_doublings=0, evidence_fp8_worse=Cusum(), evidence_fp8_better=Cusum(), **changes)
 
 
 @dataclass(frozen=True)

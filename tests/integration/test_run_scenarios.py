@@ -19,9 +19,11 @@ TWO_RANKS = ["--set", "resources.num_ranks=2", "--policy-set", "verify.replay_re
 
 def test_healthy_tiny_job_verifies_and_never_switches(tmp_path):
     # the default window (25 steps) every 50 steps instead of 100: [0, 25) and [50, 75) in 75 steps; the
-    # second starts once the first is done, however slow the machine, since no newer span can take its place
+    # second starts once the first is done, however slow the machine, since no newer span can take its place.
+    # Early stopping on (as in policies/adaptive.yaml): each window ends once 10+ steps put its intervals within warn
     code, out, summary, events = shadow_run(tmp_path / "healthy", "--job", str(REPO / "jobs/tiny.yaml"),
-                                            "--set", "steps=75", "--policy-set", "verify.every_n_steps=50")
+                                            "--set", "steps=75", "--policy-set", "verify.every_n_steps=50",
+                                            "--policy-set", "verify.early_stop.min_steps=10")
     assert code == 0 and summary["phase"] == "finished"
     assert summary["final_step"] == 75 and summary["steps_fp8"] == 75
     assert summary["num_verifications"] == 2
@@ -29,10 +31,29 @@ def test_healthy_tiny_job_verifies_and_never_switches(tmp_path):
     assert all(v["level"] == "clean" for v in summary["verdicts"]), summary["verdicts"]
     for key in ("final_loss", "steps_bf16", "verdicts", "verification_cost", "wall_s", "effective_speedup"):
         assert key in summary
-    assert summary["verification_cost"] == pytest.approx(25 * summary["num_verifications"] / 75)
+    # the windows stopped early: the verdicts say at how many steps, and the cost counts only those
+    stopped = [v["stopped_early"] for v in summary["verdicts"]]
+    assert all(s["level"] == "clean" and 10 <= s["steps"] < s["planned_steps"] == 25 for s in stopped), stopped
+    assert [v["window_end"] - v["window_start"] for v in summary["verdicts"]] == [s["steps"] for s in stopped]
+    finished = kinds_of(events, "replay_finished")
+    assert [(e["steps"], e["planned_steps"], e["stopped_early"]) for e in finished] == [
+        (s["steps"], 25, True) for s in stopped]
+    assert len(kinds_of(events, "replay_stopped_early")) == 2
+    replayed = sum(s["steps"] for s in stopped)
+    assert summary["replay_steps"] == {"bf16": replayed}
+    assert summary["verification_cost"] == pytest.approx(replayed / 75)
+    # the ledger: FP8 main steps and BF16 replay steps on the same device and rank count
+    speed = summary["effective_speedup"]
+    assert speed["basis"] == "measured" and speed["assumed"] is None, speed
+    measured = speed["measured"]
+    assert (measured["num_fp8_steps"], measured["num_bf16_steps"]) == (75, replayed)
+    assert measured["device"] == "cpu x1 threads" and measured["num_ranks"] == 1 and measured["fp8_emulated"]
+    assert measured["fp8_speedup"] == pytest.approx(measured["bf16_step_s"] / measured["fp8_step_s"])
+    assert speed["wall"] == pytest.approx(measured["fp8_speedup"])  # every kept step FP8, none discarded
     kept, discarded = read_history(out)
     assert [r.step for r in kept] == list(range(75)) and not discarded
-    assert len(list((out / "replays").glob("*.jsonl"))) == summary["num_verifications"]
+    replays = sorted((out / "replays").glob("*.jsonl"))
+    assert [len(p.read_text().splitlines()) for p in replays] == [s["steps"] for s in stopped]
 
 
 def test_degraded_two_rank_job_switches_at_first_failing_verification_and_ends_near_bf16(tmp_path):

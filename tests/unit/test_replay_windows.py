@@ -5,6 +5,8 @@ from __future__ import annotations
 from shadow.controller.actors import ReplayResult
 from shadow.controller.windows import ReplayWindows
 from shadow.policy import Purpose, ReplayRequest
+from shadow.policy.early_stop import EarlyStop
+from shadow.records import StepRecord
 
 
 def _verify(start: int, num_steps: int = 25) -> ReplayRequest:
@@ -113,3 +115,28 @@ def test_names_continue_the_count_of_a_resumed_run():
     replay = windows.open(ReplayRequest(300, 25, "fp8", Purpose.PROBE), save_end=True, run="job")
     assert replay.name == "007-probe-fp8-at-000000300" and replay.pin == "replay-7"
     assert replay.save_end_run == "job-replays/007-probe-fp8-at-000000300"
+
+
+def test_a_window_that_stops_early_covers_only_the_steps_it_ran():
+    windows = ReplayWindows()
+    replay = windows.open(_verify(100), save_end=False, run="r", stoppable=True)
+    windows.start(replay)
+    assert replay.planned_steps == 25 and replay.stoppable
+    replay.records = [StepRecord(step=s, loss=2.0, precision="bf16", tokens=1, step_time_s=0.1, grad_norm=1.0, lr=1e-3)
+                      for s in range(100, 109)]
+    windows.stop_early(replay, EarlyStop("clean", 9, (-0.001, 0.002), (-0.001, 0.003), "intervals within warn"))
+    assert replay.end_step == 109 and replay.planned_steps == 25 and replay.early_stop.level == "clean"
+    assert windows.covering(108) == replay.request and windows.covering(109) is None
+    windows.finish(replay, ReplayResult(records=replay.records))
+    assert windows.ready_to_judge(main_step=109, main_done=False) == [replay]  # no wait for steps it never ran
+    windows.judge(replay)
+    assert windows.settled() == [ReplayRequest(100, 9, "bf16", Purpose.VERIFY)]
+
+
+def test_a_retry_starts_the_window_over():
+    windows = ReplayWindows()
+    replay = _started(windows, _verify(100))
+    replay.records = [StepRecord(step=100, loss=2.0, precision="bf16", tokens=1, step_time_s=0.1, grad_norm=1.0,
+                                 lr=1e-3)]
+    windows.retry(replay)
+    assert replay.attempt == 1 and replay.records == []
