@@ -321,8 +321,9 @@ class RunConfig:
     """How `shadow run` drives the main job (not part of the trajectory: excluded from the job hash)."""
 
     chunk_steps: int = 10  # main-job steps per controller round trip; decisions land on these boundaries
-    fp8_speedup: float = 1.3  # FP8-over-BF16 step speedup assumed in the effective-speedup estimate
-    # (1.3x is 01.AI's reported figure; published Hopper figures range 1.2-1.5x; measure yours)
+    fp8_speedup: float = 1.3  # FP8-over-BF16 step speedup assumed in the effective-speedup estimate only
+    # where the run measured none (main FP8 and replay BF16 steps on the same device kind and rank count;
+    # summary.json `effective_speedup.measured`). 1.3x is 01.AI's reported figure; Hopper figures: 1.2-1.5x
     max_main_restarts: int = 3  # the main trainer may die this often; it restarts from its last checkpoint
     max_checkpoint_failures: int = 3  # checkpoint saves failing in a row before the run stops (see docs/reliability.md)
 
