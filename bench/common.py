@@ -85,16 +85,28 @@ def run_shadow(args: list[str], job: Path, overrides: list[str], out: Path, env:
     return json.loads((out / "summary.json").read_text())
 
 
-def switch_step(run_dir: Path) -> int | None:
-    """The main job's step when the first switch to BF16 was applied (a rollback's `old_step`)."""
+def switches_to_bf16(run_dir: Path) -> list[tuple[int, tuple[int, int] | None]]:
+    """Each switch of the main job to BF16, in order: (the step the main job had reached, for a rollback or
+    an adoption its `old_step`; the window [start, end) of the last verdict before it, None if none)."""
     from shadow.rundir import read_events
 
+    found, window, previous = [], None, None
     for event in read_events(run_dir):
-        if event["event"] in ("rollback", "replay_adopted"):
-            return event["old_step"]
-        if event["event"] == "precision_switched" and event["new"] == "bf16":
-            return event["step"]
-    return None
+        if event["event"] == "verdict":
+            window = (event["window_start"], event["window_end"])
+        elif event["event"] in ("rollback", "replay_adopted"):
+            found.append((event["old_step"], window))
+        # a restart's own precision_switched follows it at once: the same switch
+        elif event["event"] == "precision_switched" and event["new"] == "bf16" and previous not in (
+                "rollback", "replay_adopted"):
+            found.append((event["step"], window))
+        previous = event["event"]
+    return found
+
+
+def switch_step(run_dir: Path) -> int | None:
+    """The main job's step when the first switch to BF16 was applied."""
+    return next((step for step, _ in switches_to_bf16(run_dir)), None)
 
 
 def _free_port() -> int:

@@ -10,9 +10,11 @@ shadow itself:
 - a (scenario, seed) is *degraded* when unguarded FP8's final held-out loss is worse than BF16's (same
   seed) by more than the seed spread, *healthy* otherwise.
 Per policy, scenario and seed: replay steps per main-job step (replay steps run / main steps trained,
-discarded ones included), whether the run switched to BF16 (a false switch on a healthy run, a detection
-on a degraded one), the latency (main-job step of the switch minus the onset of the fault; for a drift,
-the start of its ramp), the steps discarded by rollbacks and the guarded run's final held-out gap to BF16.
+discarded ones included), the main-job steps at which it switched to BF16 (any switch on a healthy run is
+a false switch; on a degraded one the first switch judged on a window holding a faulty step is the
+detection, one judged on an earlier window is counted apart), the latency (main-job step of the detection
+minus the onset; for a drift, the start of its ramp),
+the steps discarded by rollbacks and the guarded run's final held-out gap to BF16.
 `totals` per policy: replay steps per main step over the healthy scenario's runs, false switches out of
 healthy runs, detections out of degraded runs, and the largest excess of its guarded gap over the first
 policy's (today's default) on the same run, judged against the seed spread (the goal of issue 18).
@@ -26,13 +28,14 @@ from __future__ import annotations
 import argparse
 import random
 import shutil
+import signal
 import statistics
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from common import REPO, print_table, ray_head, run_shadow, switch_step, write_result
+from common import REPO, print_table, ray_head, run_shadow, switches_to_bf16, write_result
 
 JOB = REPO / "jobs" / "tiny.yaml"
 # 2 layers x 64, sequences of 32: ~25 ms per FP8 step on this CPU, so 3000 steps take about 1.5 minutes
@@ -71,17 +74,19 @@ def _train(precision: str, overrides: list[str], out: Path) -> float:
     """Final held-out loss of a `shadow train` run; its directory (checkpoints) is removed after."""
     summary = run_shadow(["train", "--precision", precision], JOB, overrides, out)
     shutil.rmtree(out)
+    print(f"{out.name}: final held-out loss {summary['final_eval_loss']:.4f}", flush=True)
     return summary["final_eval_loss"]
 
 
 def _guarded(policy: str, address: str, env: dict, overrides: list[str], out: Path) -> dict:
     """The figures of a `shadow run` under `policy`, joined to the benchmark's Ray head."""
     summary = run_shadow(["run", "--policy", policy, "--ray-address", address], JOB, overrides, out, env)
-    switched_at = switch_step(out)
+    switches = switches_to_bf16(out)
     shutil.rmtree(out)
-    print(f"{out.name}: switch at {switched_at}, replay steps {sum(summary['replay_steps'].values())}, "
-          f"{summary['wall_s']:.0f} s", flush=True)
-    return {"final_eval_loss": summary["final_eval_loss"], "switch_step": switched_at,
+    print(f"{out.name}: switches to BF16 at {[step for step, _ in switches]}, replay steps "
+          f"{sum(summary['replay_steps'].values())}, {summary['wall_s']:.0f} s", flush=True)
+    return {"final_eval_loss": summary["final_eval_loss"], "switch_steps": [step for step, _ in switches],
+            "switch_windows": [window for _, window in switches],
             "replay_steps": sum(summary["replay_steps"].values()),
             "main_steps": summary["steps_fp8"] + summary["steps_bf16"] + summary["steps_discarded"],
             "steps_discarded": summary["steps_discarded"], "num_verifications": summary["num_verifications"],
@@ -110,14 +115,15 @@ def _totals(rows: list[dict], reference: dict[tuple, float], spread: float) -> d
     healthy_scenario = [r for r in rows if r["scenario"] == "healthy"]
     good = [r for r in rows if not r["degraded"]]
     bad = [r for r in rows if r["degraded"]]
-    latencies = [r["latency"] for r in bad if r["latency"] is not None]
+    latencies = [r["latency"] for r in bad if r["detection_step"] is not None]
     replay = sum(r["replay_steps"] for r in healthy_scenario)
     main = sum(r["main_steps"] for r in healthy_scenario)
     over_reference = max(r["guarded_gap"] - reference[(r["scenario"], r["seed"])] for r in rows)
     totals = {
         "replay_steps_per_main_step": replay / main if main else None, "healthy_scenario_runs": len(healthy_scenario),
         "false_switches": sum(r["switched"] for r in good), "healthy_runs": len(good),
-        "detected": sum(r["switched"] for r in bad), "degraded_runs": len(bad),
+        "detected": sum(r["detection_step"] is not None for r in bad), "degraded_runs": len(bad),
+        "early_switches": sum(r["early_switch"] for r in bad),  # degraded runs switched on a window before the onset
         "latency_median": statistics.median(latencies) if latencies else None,
         "latency_max": max(latencies) if latencies else None,
         "steps_discarded": sum(r["steps_discarded"] for r in rows),
@@ -165,12 +171,17 @@ def _run_commands(args, policies: dict[str, str], plan: dict[int, dict]) -> tupl
 
 def _row(policy: str, name: str, seed: int, onset: int | None, bf16: float, fp8: float, run: dict,
          spread: float) -> dict:
+    """A switch detects the fault when the window it was judged on holds a faulty step (ends after the
+    onset); one judged on an earlier window (or any on healthy FP8) cannot."""
     unguarded_gap = fp8 / bf16 - 1
-    switched = run["switch_step"] is not None
+    judged = list(zip(run["switch_steps"], run["switch_windows"]))
+    detections = [step for step, window in judged if onset is not None and window and window[1] > onset]
     return {"policy": policy, "scenario": name, "seed": seed, "onset": onset, "bf16_eval": bf16, "fp8_eval": fp8,
             "guarded_eval": run["final_eval_loss"], "unguarded_gap": unguarded_gap,
             "guarded_gap": run["final_eval_loss"] / bf16 - 1, "degraded": unguarded_gap > spread,
-            "switched": switched, "latency": run["switch_step"] - onset if switched and onset is not None else None,
+            "switched": bool(judged), "detection_step": detections[0] if detections else None,
+            "early_switch": onset is not None and len(detections) < len(judged),
+            "latency": detections[0] - onset if detections else None,
             "replay_per_main": run["replay_steps"] / run["main_steps"], **run}
 
 
@@ -179,7 +190,7 @@ def _print_tables(args, rows: list[dict], totals: dict, spread: float, reference
     for policy in totals:
         for name in args.scenarios:
             runs = [r for r in rows if r["policy"] == policy and r["scenario"] == name]
-            latencies = [r["latency"] for r in runs if r["degraded"] and r["latency"] is not None]
+            latencies = [r["latency"] for r in runs if r["degraded"] and r["detection_step"] is not None]
             table.append({
                 "policy": policy, "scenario": name, "degraded": f"{sum(r['degraded'] for r in runs)}/{len(runs)}",
                 "switched": f"{sum(r['switched'] for r in runs)}/{len(runs)}",
@@ -208,7 +219,14 @@ def _print_tables(args, rows: list[dict], totals: dict, spread: float, reference
     return table
 
 
+def _stop(signum, _frame):
+    """SIGTERM (a `kill` of a background run): unwind, so queued commands are cancelled and the Ray head
+    is stopped."""
+    raise SystemExit(128 + signum)
+
+
 def main() -> None:
+    signal.signal(signal.SIGTERM, _stop)
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=3000)
     parser.add_argument("--seeds", type=int, default=3, help="seeds per scenario and policy")
