@@ -6,10 +6,15 @@ run (alternating rounds, medians); absolute times are printed only next to their
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
+import secrets
+import signal
+import socket
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -67,3 +72,77 @@ def write_result(name: str, result: dict, out: str | None = None) -> Path:
     path.write_text(json.dumps(payload, indent=1) + "\n")
     print(f"written: {path}", flush=True)
     return path
+
+
+def run_shadow(args: list[str], job: Path, overrides: list[str], out: Path, env: dict | None = None) -> dict:
+    """Run a `shadow` subcommand (`["train"]`, `["run", "--policy", P]`, ...) on `job` with `--set`
+    overrides, in a fresh process (with `env` added to this one's environment); its summary.json."""
+    sets = [a for o in overrides for a in ("--set", o)]
+    cmd = [sys.executable, "-m", "shadow", *args, "--job", str(job), *sets, "--out", str(out)]
+    done = subprocess.run(cmd, check=False, capture_output=True, text=True, cwd=REPO, env={**os.environ, **(env or {})})
+    if done.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed ({done.returncode}):\n{done.stderr[-3000:]}")
+    return json.loads((out / "summary.json").read_text())
+
+
+def switches_to_bf16(run_dir: Path) -> list[tuple[int, tuple[int, int] | None]]:
+    """Each switch of the main job to BF16, in order: (the step the main job had reached, for a rollback or
+    an adoption its `old_step`; the window [start, end) of the last verdict before it, None if none)."""
+    from shadow.rundir import read_events
+
+    found, window, previous = [], None, None
+    for event in read_events(run_dir):
+        if event["event"] == "verdict":
+            window = (event["window_start"], event["window_end"])
+        elif event["event"] in ("rollback", "replay_adopted"):
+            found.append((event["old_step"], window))
+        # a restart's own precision_switched follows it at once: the same switch
+        elif event["event"] == "precision_switched" and event["new"] == "bf16" and previous not in (
+                "rollback", "replay_adopted"):
+            found.append((event["step"], window))
+        previous = event["event"]
+    return found
+
+
+def switch_step(run_dir: Path) -> int | None:
+    """The main job's step when the first switch to BF16 was applied."""
+    return next((step for step, _ in switches_to_bf16(run_dir)), None)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def ray_head(num_cpus: int, log_path: Path):
+    """One local Ray head on 127.0.0.1 for a whole benchmark: each `shadow run --ray-address ADDRESS`
+    joins it instead of starting a Ray of its own (seconds each on a loaded machine). Yields the address
+    and the environment a client needs (the head's own auth token, as a secured cluster has); the head is
+    stopped on exit. Every port is chosen free, so another Ray on the machine cannot collide."""
+    client_env = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(16)}
+    env = {**os.environ, **client_env,
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+    port = _free_port()
+    with open(log_path, "w") as log:
+        head = subprocess.Popen(
+            [sys.executable, "-m", "ray.scripts.scripts", "start", "--head", "--block", "--node-ip-address=127.0.0.1",
+             f"--port={port}", f"--num-cpus={num_cpus}", "--include-dashboard=false", "--disable-usage-stats",
+             f"--dashboard-agent-listen-port={_free_port()}", f"--dashboard-agent-grpc-port={_free_port()}",
+             f"--runtime-env-agent-port={_free_port()}", f"--metrics-export-port={_free_port()}"],
+            env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.time() + 120
+        while "Ray runtime started" not in log_path.read_text():
+            if head.poll() is not None or time.time() > deadline:
+                raise RuntimeError(f"the Ray head did not start; see {log_path}")
+            time.sleep(0.5)
+        yield f"127.0.0.1:{port}", client_env
+    finally:
+        os.killpg(head.pid, signal.SIGTERM)
+        try:
+            head.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(head.pid, signal.SIGKILL)
+            head.wait()

@@ -20,18 +20,14 @@ one BF16 baseline per seed (the 10x learning-rate scenario has its own).
 from __future__ import annotations
 
 import argparse
-import json
 import random
-import subprocess
-import sys
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from common import FAST, REPO, median, print_table, write_result
+from common import FAST, REPO, median, print_table, run_shadow, switch_step, write_result
 
 from shadow.config.policy import load_policy
-from shadow.rundir import read_events
 
 JOB = REPO / "jobs" / "tiny.yaml"
 FAULT_SCALE = 1000.0  # FP8 scales multiplied by this from the onset to the end: operands saturate
@@ -53,26 +49,6 @@ def scenarios(steps: int, seed: int) -> dict[str, tuple[list[str], int]]:
 
 def chosen(args, seed: int) -> dict[str, tuple[list[str], int]]:
     return {k: v for k, v in scenarios(args.steps, seed).items() if k in args.scenarios}
-
-
-def shadow_cmd(args: list[str], overrides: list[str], out: Path) -> dict:
-    """Run a `shadow` subcommand in a fresh process; its summary.json."""
-    sets = [a for o in overrides for a in ("--set", o)]
-    cmd = [sys.executable, "-m", "shadow", *args, "--job", str(JOB), *sets, "--out", str(out)]
-    done = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
-    if done.returncode != 0:
-        raise RuntimeError(f"{' '.join(cmd)} failed ({done.returncode}):\n{done.stderr[-3000:]}")
-    return json.loads((out / "summary.json").read_text())
-
-
-def switch_step(run_dir: Path) -> int | None:
-    """The main job's step when the first switch to BF16 was applied (a rollback's `old_step`)."""
-    for event in read_events(run_dir):
-        if event["event"] in ("rollback", "replay_adopted"):
-            return event["old_step"]
-        if event["event"] == "precision_switched" and event["new"] == "bf16":
-            return event["step"]
-    return None
 
 
 def main() -> None:
@@ -107,7 +83,7 @@ def main() -> None:
                                                          root / f"bf16-{seed}-{len(trains)}")
         print(f"{len(trains)} `shadow train` runs, {args.parallel} at a time ...", flush=True)
         with ThreadPoolExecutor(args.parallel) as pool:
-            futures = {key: pool.submit(shadow_cmd, *value) for key, value in trains.items()}
+            futures = {key: pool.submit(run_shadow, value[0], JOB, *value[1:]) for key, value in trains.items()}
             summaries = {key: future.result() for key, future in futures.items()}
 
         guarded_runs = {}  # (scenario, seed) -> (future of the summary, run dir)
@@ -117,8 +93,8 @@ def main() -> None:
                 for name, (overrides, _) in chosen(args, seed).items():
                     out = root / f"run-{name}-{seed}"
                     policy_sets = [a for o in args.policy_set for a in ("--policy-set", o)]
-                    guarded_runs[(name, seed)] = (pool.submit(shadow_cmd, ["run", "--policy", args.policy, *policy_sets],
-                                                              seeded + overrides, out), out)
+                    guarded_runs[(name, seed)] = (pool.submit(run_shadow, ["run", "--policy", args.policy, *policy_sets],
+                                                              JOB, seeded + overrides, out), out)
             rows = []
             for seed in range(args.seeds):
                 for name, (overrides, onset) in chosen(args, seed).items():

@@ -19,28 +19,15 @@ skip the spans it fell behind on, which lowers the measured cost below the nomin
 from __future__ import annotations
 
 import argparse
-import json
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
-from common import FAST, REPO, print_table, write_result
+from common import FAST, REPO, print_table, run_shadow, write_result
 
 from shadow.config.policy import load_policy
 from shadow.controller.summary import effective_speedup
 
 SPEEDUPS = (1.2, 1.3, 1.5)
-
-
-def guarded_run(policy: str, overrides: list[str], out: Path) -> dict:
-    sets = [a for o in overrides for a in ("--set", o)]
-    cmd = [sys.executable, "-m", "shadow", "run", "--job", str(REPO / "jobs/tiny.yaml"), "--policy", policy, *sets,
-           "--out", str(out)]
-    done = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
-    if done.returncode != 0:
-        raise RuntimeError(f"{' '.join(cmd)} failed ({done.returncode}):\n{done.stderr[-3000:]}")
-    return json.loads((out / "summary.json").read_text())
 
 
 def main() -> None:
@@ -56,7 +43,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for index, path in enumerate(args.policies):
             policy = load_policy(str(REPO / path), [])
-            summary = guarded_run(path, args.model + [f"steps={args.steps}"], Path(tmp) / str(index))
+            summary = run_shadow(["run", "--policy", path], REPO / "jobs/tiny.yaml", args.model + [f"steps={args.steps}"],
+                                 Path(tmp) / str(index))
             replay = summary["replay_steps"]
             trained = summary["steps_fp8"] + summary["steps_bf16"] + summary["steps_discarded"]
             fp8_trained = summary["steps_fp8"]  # healthy run: no switch, every kept step is FP8

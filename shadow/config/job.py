@@ -165,27 +165,56 @@ class OptimConfig:
         return found
 
 
+class Operand(str, Enum):
+    """A GEMM operand of an FP8 layer; each has its own quantization scale."""
+
+    INPUT = "input"  # the activation entering the layer: forward format (E4M3 in hybrid)
+    WEIGHT = "weight"  # the layer's weight: forward format
+    GRAD_OUTPUT = "grad_output"  # the gradient of the layer's output: backward format (E5M2 in hybrid)
+
+
 @dataclass
 class FaultConfig:
-    """Deliberate FP8 damage for testing the guard (like Megatron's error injection).
+    """Deliberate FP8 damage for testing the guard (like Megatron's error injection); docs/precision.md
+    ("Injected FP8 faults") says what each shape of it models.
 
-    Between `start_step` (inclusive) and `end_step` (exclusive), FP8 quantization scales are
-    multiplied by `scale_factor`, so operands saturate (factor > 1) or underflow (factor < 1).
-    BF16 steps are untouched, which is what a real scaling bug looks like. Disabled when end <= start.
+    From `start_step` (inclusive) to `end_step` (exclusive), the FP8 quantization scales of the operands
+    in `roles` are multiplied by a factor, so they saturate (factor > 1) or underflow (factor < 1). BF16
+    steps are untouched, which is what a real FP8 bug looks like. Disabled when end <= start.
     """
 
     start_step: int = 0
     end_step: int = 0
-    scale_factor: float = 1.0
+    scale_factor: float = 1.0  # the factor at full strength
+    ramp_steps: int = 0  # 0 = full strength from start_step; N = the factor grows geometrically over N steps,
+    # scale_factor ** ((step - start_step + 1) / N), reaching scale_factor at step start_step + N - 1: a slow drift
+    roles: list[Operand] = field(default_factory=lambda: list(Operand))  # operands whose scales it multiplies;
+    # [grad_output] = the gradient (E5M2) path only, the forward pass stays exact
 
     @property
     def enabled(self) -> bool:
         return self.end_step > self.start_step and self.scale_factor != 1.0
 
+    def factor(self, step: int, role: Operand) -> float:
+        """The multiplier of `role`'s scale at `step` (1 outside the fault)."""
+        if not (self.enabled and self.start_step <= step < self.end_step and role in self.roles):
+            return 1.0
+        into = step - self.start_step + 1
+        if into < self.ramp_steps:
+            return self.scale_factor ** (into / self.ramp_steps)
+        return self.scale_factor
+
     def problems(self):
+        found = []
         if not self.scale_factor > 0:
-            return [("scale_factor", self.scale_factor, "a positive number")]
-        return []
+            found.append(("scale_factor", self.scale_factor, "a positive number"))
+        if not 0 <= self.ramp_steps <= max(self.end_step - self.start_step, 0):
+            found.append(("ramp_steps", self.ramp_steps, f"an integer in [0, end_step - start_step = "
+                          f"{max(self.end_step - self.start_step, 0)}] (the ramp lies inside the fault)"))
+        if not self.roles or len(set(self.roles)) != len(self.roles):
+            found.append(("roles", [r.value for r in self.roles], "a non-empty list of distinct operands: "
+                          + ", ".join(o.value for o in Operand)))
+        return found
 
 
 @dataclass

@@ -22,12 +22,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from shadow.config.job import AmaxCompute, PrecisionConfig, PrecisionMode, Scaling
+from shadow.config.job import AmaxCompute, Operand, PrecisionConfig, PrecisionMode, Scaling
 from shadow.precision.base import AmaxReducer, PrecisionBackend, bf16_linear
 from shadow.precision.formats import FPFormat, recipe_for, round_to_bf16
 
 ROLE_INPUT, ROLE_WEIGHT, ROLE_GRAD_OUTPUT = 0, 1, 2
-ROLE_NAMES = ("input", "weight", "grad_output")
+ROLE_NAMES = tuple(operand.value for operand in Operand)  # in the order of the indices above
 
 
 def power_of_two_channel_amax(x: torch.Tensor) -> torch.Tensor:
@@ -105,7 +105,7 @@ class EmulatedFp8Linear(nn.Module):
             scale = scale_from_amax(amax, fmt.max_value, config.margin, torch.ones_like(amax))
         else:
             scale = torch.ones((), device=t.device)
-        scale = scale * self.backend.fault_factor()
+        scale = scale * self.backend.fault_factor(role)
         scaled = t * scale
         quantized = fmt.quantize(scaled)
         if self.backend.quantization_observer is not None:
@@ -168,11 +168,10 @@ class EmulatedBackend(PrecisionBackend):
         """Record amax in BF16 mode too, so delayed scaling resumes FP8 with a fresh history."""
         return self.config.scaling is Scaling.DELAYED
 
-    def fault_factor(self) -> float:
-        fault = self.config.fault
-        if fault.enabled and fault.start_step <= self.step < fault.end_step:
-            return fault.scale_factor
-        return 1.0
+    def fault_factor(self, role: int) -> float:
+        """The injected fault's multiplier of `role`'s scale at this step (`precision.fault`); only FP8
+        quantization calls it, so BF16 steps never see a fault."""
+        return self.config.fault.factor(self.step, Operand(ROLE_NAMES[role]))
 
     def fp8_linear(self, linear: nn.Linear) -> nn.Module:
         return EmulatedFp8Linear(linear, self)

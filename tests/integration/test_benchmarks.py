@@ -174,3 +174,51 @@ def test_fp8_layer_selection(tmp_path):
     assert set(rows) == {"bf16", "fp8 all", "fp8 auto"} and rows["bf16"]["over_bf16"] == 1.0
     assert rows["fp8 all"]["num_fp8"] == 10 and rows["fp8 auto"]["num_fp8"] == 0  # width 256: nothing gains
     assert result["converted"]["256 fp8 auto"] == [] and len(result["converted"]["256 fp8 all"]) == 10
+
+
+def test_verification_policies(tmp_path):
+    """Tiny (1 x 32, 200 steps, one seed, one policy): the figures mean nothing, so the test checks the
+    results' structure and that they hold together: the ground truth, the switches, the totals as sums
+    over the rows. The policy switches at a 0.01% gap, so the first window (from step 0, always run)
+    switches both runs and rolls back: the switch paths are taken."""
+    default = (REPO / "policies" / "default.yaml").read_text()
+    policy = tmp_path / "hair_trigger.yaml"
+    policy.write_text(default.replace("  warn: 0.005 ", "  warn: 0.00005 ")
+                      .replace("  switch: 0.015 ", "  switch: 0.0001 "))
+    result = bench("verification_policies", tmp_path, "--steps", "200", "--seeds", "1", "--spread-seeds", "2",
+                   "--scenarios", "healthy", "fault", "--policies", f"hair_trigger={policy}",
+                   "missing=policies/none.yaml", "--model", "model.num_layers=1", "model.d_model=32",
+                   "model.seq_len=32", "batch_size=8", "--parallel", "4")
+    assert result["policies"] == {"hair_trigger": str(policy)}
+    assert result["skipped_policies"] == {"missing": "policies/none.yaml not found"}
+    bf16 = list(result["bf16_eval"].values())
+    assert len(bf16) == 2 and result["seed_spread"] == pytest.approx(max(bf16) / min(bf16) - 1)
+    rows = {r["scenario"]: r for r in result["rows"]}
+    assert set(rows) == {"healthy", "fault"}
+    assert rows["healthy"]["onset"] is None and 33 <= rows["fault"]["onset"] <= 116
+    for row in rows.values():
+        assert row["switched"]  # the first window's violation, applied when its verdict came (timing decides when)
+        assert row["bf16_eval"] == result["bf16_eval"]["0"]
+        assert row["unguarded_gap"] == pytest.approx(row["fp8_eval"] / row["bf16_eval"] - 1)
+        assert row["guarded_gap"] == pytest.approx(row["guarded_eval"] / row["bf16_eval"] - 1)
+        assert row["degraded"] == (row["unguarded_gap"] > result["seed_spread"])
+        # the rollback to step 0 discarded the steps trained before it; 200 steps were kept
+        assert row["steps_discarded"] > 0 and row["main_steps"] == 200 + row["steps_discarded"]
+        assert len(row["switch_windows"]) == len(row["switch_steps"])
+        if row["detection_step"] is not None:  # the first switch judged on a window holding a faulty step
+            judged = [(s, w) for s, w in zip(row["switch_steps"], row["switch_windows"]) if w[1] > row["onset"]]
+            assert row["detection_step"] == judged[0][0] and row["latency"] == row["detection_step"] - row["onset"]
+        assert row["replay_steps"] >= 25  # the window at step 0 at least
+        assert row["replay_per_main"] == pytest.approx(row["replay_steps"] / row["main_steps"])
+    # judged on the window [0, 25), before the fault's onset: a switch that detects nothing
+    assert rows["fault"]["switch_windows"][0] == [0, 25] and rows["fault"]["early_switch"]
+    assert rows["healthy"]["detection_step"] is None and not rows["healthy"]["early_switch"]
+    totals = result["totals"]["hair_trigger"]
+    healthy = [r for r in rows.values() if not r["degraded"]]
+    degraded = [r for r in rows.values() if r["degraded"]]
+    assert totals["replay_steps_per_main_step"] == pytest.approx(rows["healthy"]["replay_per_main"])
+    assert (totals["false_switches"], totals["healthy_runs"], totals["detected"], totals["degraded_runs"]) == (
+        sum(r["switched"] for r in healthy), len(healthy), sum(r["detection_step"] is not None for r in degraded),
+        len(degraded))
+    assert totals["steps_discarded"] == sum(r["steps_discarded"] for r in rows.values())
+    assert totals["max_gap_over_reference"] == 0  # the reference policy against itself

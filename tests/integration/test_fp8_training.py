@@ -70,3 +70,33 @@ def test_precision_switch_mid_run_has_no_jump():
     jump = max(abs(a - b) for a, b in zip(stay_fp8, switched))
     assert switched != stay_fp8  # the switch took effect
     assert jump < 0.1 * step_to_step, (jump, step_to_step)
+
+
+def _losses(*overrides: str, steps: int = 8) -> list[float]:
+    trainer = Trainer(load_job(None, [*SMALL, "model.num_layers=1", *overrides]))
+    return [trainer.train_step().loss for _ in range(steps)]
+
+
+def test_each_injected_fault_changes_fp8_training_only_where_and_when_it_should():
+    """Faults from step 3 (docs/precision.md, "Injected FP8 faults"): the losses before the onset are the
+    clean run's, bit for bit, and each fault shape departs from it at the step its operands predict."""
+    def fault(start=3, end=8, factor=1000.0, *more):
+        return [f"precision.fault.start_step={start}", f"precision.fault.end_step={end}",
+                f"precision.fault.scale_factor={factor}", *more]
+
+    clean = _losses()
+    full = _losses(*fault())
+    drift = _losses(*fault(3, 8, 1000.0, "precision.fault.ramp_steps=5"))
+    grad_only = _losses(*fault(3, 8, 1000.0, "precision.fault.roles=[grad_output]"))
+    transient = _losses(*fault(3, 5))
+    for faulty in (full, drift, grad_only, transient):
+        assert faulty[:3] == clean[:3]
+    # the forward operands saturate at once; a drift starts at 1000**(1/5) ~ 4x, so its first step is milder
+    assert full[3] != clean[3] and drift[3] != clean[3]
+    assert abs(drift[3] - clean[3]) < abs(full[3] - clean[3])
+    # the gradient path only: step 3's forward is exact, the update it computes is not
+    assert grad_only[3] == clean[3] and grad_only[4] != clean[4]
+    # a transient fault ends: step 5 quantizes cleanly again (unlike the lasting fault), from damaged weights
+    assert transient[:5] == full[:5] and transient[5] != full[5] and transient[5] != clean[5]
+    # BF16 never sees a fault
+    assert _losses("precision.mode=bf16", *fault()) == _losses("precision.mode=bf16")

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from shadow.config.job import Fp8Backend, PrecisionConfig
+from shadow.config.job import Fp8Backend, Operand, PrecisionConfig
 from shadow.config import load_job
 from shadow.precision import BackendUnavailable, build_backend
 from shadow.precision.base import bf16_linear
@@ -96,7 +96,50 @@ def test_fault_injection_multiplies_scales_only_inside_window():
     assert faulty.abs().max() < x.abs().max() / 100  # everything saturates to 448 / (scale * 1e4)
 
 
-def test_fp8_mode_changes_numerics_and_bf16_mode_does_not_quantize_to_fp8():
+
+def _fault(**fields):
+    return load_job(None, [f"precision.fault.{k}={v}" for k, v in fields.items()]).precision.fault
+
+
+def test_fault_ramp_grows_geometrically_and_ends_at_full_strength_inside_the_fault():
+    fault = _fault(start_step=10, end_step=16, scale_factor=16.0, ramp_steps=4)
+    # steps 8..17: before, the ramp 16**(1/4), 16**(2/4), 16**(3/4), 16, then full strength, then after the end
+    assert [fault.factor(step, Operand.INPUT) for step in range(8, 18)] == [1, 1, 2, 4, 8, 16, 16, 16, 1, 1]
+    assert _fault(start_step=3, end_step=9, scale_factor=1000.0, ramp_steps=3).factor(5, Operand.WEIGHT) == 1000.0
+    unramped = _fault(start_step=10, end_step=16, scale_factor=16.0)
+    assert [unramped.factor(step, Operand.GRAD_OUTPUT) for step in (9, 10, 15, 16)] == [1, 16, 16, 1]
+
+
+def test_fault_hits_only_its_roles():
+    fault = _fault(start_step=0, end_step=5, scale_factor=0.5, roles="[grad_output]")
+    assert [fault.factor(2, role) for role in Operand] == [1, 1, 0.5]
+    backend, layer = _layer(scaling="current", **{"fault.start_step": 0, "fault.end_step": 5,
+                                                 "fault.scale_factor": 1e4, "fault.roles": "[grad_output]"})
+    _, clean = _layer(scaling="current")
+    x = torch.randn(4, 8, generator=torch.Generator().manual_seed(3))
+    outputs, input_grads = [], []
+    for each in (layer, clean):
+        xi = x.clone().requires_grad_(True)
+        out = each(xi)
+        (out * torch.linspace(-1, 1, 4)).sum().backward()
+        outputs.append(out)
+        input_grads.append(xi.grad)
+    assert torch.equal(outputs[0], outputs[1])  # the forward (E4M3) path is exact
+    assert not torch.equal(input_grads[0], input_grads[1])  # the gradient (E5M2) path saturates
+
+
+def test_bf16_steps_never_see_a_fault():
+    backend, layer = _layer(scaling="delayed", mode="bf16", **{"fault.start_step": 0, "fault.end_step": 5,
+                                                               "fault.scale_factor": 1e4})
+    _, clean = _layer(scaling="delayed", mode="bf16")
+    x = torch.randn(4, 8, generator=torch.Generator().manual_seed(4))
+    results = []
+    for each in (layer, clean):
+        xi = x.clone().requires_grad_(True)
+        out = each(xi)
+        out.square().sum().backward()
+        results.append((out, xi.grad, each.weight.grad))
+    assert all(torch.equal(a, b) for a, b in zip(*results))
     torch.manual_seed(1)
     x = torch.randn(16, 8)
     backend, layer = _layer(scaling="current")
