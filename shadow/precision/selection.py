@@ -56,7 +56,8 @@ class Fp8Selection:
                 reason = layer.reason.split(" (")[0].split(":")[0]
                 reasons[reason] = reasons.get(reason, 0) + 1
         kept = ", ".join(f"{count} {reason}" for reason, count in reasons.items())
-        return f"FP8 layers: {len(self.fp8_names)} of {len(self.layers)} linear layers" + (f"; BF16: {kept}" if kept else "")
+        counted = f"FP8 layers: {len(self.fp8_names)} of {len(self.layers)} linear layers"
+        return f"{counted}; BF16: {kept}" if kept else counted
 
     def to_event(self) -> dict:
         """What the run logs at start (events.jsonl `fp8_layers`, MLflow params)."""

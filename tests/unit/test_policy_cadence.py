@@ -7,8 +7,16 @@ from hypothesis import strategies as st
 
 from shadow.compare import compare
 from shadow.config.policy import Mode, Policy
-from shadow.policy import (DecisionKind, Machine, PolicyState, Purpose, ReplayRequest, cadence, decide,
-                           due_replays)
+from shadow.policy import (
+    DecisionKind,
+    Machine,
+    PolicyState,
+    Purpose,
+    ReplayRequest,
+    cadence,
+    decide,
+    due_replays,
+)
 from shadow.records import StepRecord
 
 SETTINGS = settings(max_examples=150, deadline=None)
