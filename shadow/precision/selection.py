@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
+from typing import Callable
 
 from torch import nn
 
@@ -69,6 +70,7 @@ def select_fp8_layers(model: nn.Module, structure: ModelStructure, config: Preci
     rules = config.fp8_layers
     num_blocks = len(structure.blocks)
     first_fp8_block, end_fp8_block = rules.bf16_first_layers, num_blocks - rules.bf16_last_layers
+    auto_rule = auto_rule_for(config)
     choices = []
     for name, module in model.named_modules():
         if not isinstance(module, nn.Linear):
@@ -83,26 +85,29 @@ def select_fp8_layers(model: nn.Module, structure: ModelStructure, config: Preci
             reason = f"bf16_last_layers: block {block}"
         elif rules.include and not any(fnmatchcase(name, p) for p in rules.include):
             reason = "matches no include pattern"
-        elif any(fnmatchcase(name, p) for p in rules.exclude):
-            reason = "exclude: " + next(p for p in rules.exclude if fnmatchcase(name, p))
+        elif excluded_by := next((p for p in rules.exclude if fnmatchcase(name, p)), None):
+            reason = f"exclude: {excluded_by}"
         elif (config.backend is not Fp8Backend.EMULATED or rules.auto) and (k % 16 or n % 16):
             reason = f"FP8 GEMMs need dimensions in multiples of 16 (K={k}, N={n})"
-        elif rules.auto and too_small(config, k, n):
-            reason = f"auto: GEMM too small to gain ({auto_rule(config)}; K={k}, N={n})"
+        elif rules.auto and auto_rule.too_small(k, n):
+            reason = f"auto: GEMM too small to gain ({auto_rule.text}; K={k}, N={n})"
         else:
             reason = FP8
         choices.append(LayerChoice(name, k, n, reason))
     return Fp8Selection(tuple(choices))
 
 
-def auto_rule(config: PrecisionConfig) -> str:
-    """The `auto` rule for the job's backend and recipe, as the condition under which a layer stays BF16."""
-    if config.backend is Fp8Backend.TORCHAO and config.torchao_recipe == "rowwise":
-        return "torchao rowwise: N <= 2048 or K <= 1024 or (N <= 4096 and K <= 2048)"
-    return "per-tensor scaling: K <= 4096 and N <= 1024"
+@dataclass(frozen=True)
+class AutoRule:
+    text: str  # the condition under which a layer stays BF16, for the reason logged with it
+    too_small: Callable[[int, int], bool]  # (K, N) -> whether the GEMM is too small for FP8 to gain
 
 
-def too_small(config: PrecisionConfig, k: int, n: int) -> bool:
-    if config.backend is Fp8Backend.TORCHAO and config.torchao_recipe == "rowwise":
-        return n <= 2048 or k <= 1024 or (n <= 4096 and k <= 2048)
-    return k <= 4096 and n <= 1024
+PER_TENSOR = AutoRule("per-tensor scaling: K <= 4096 and N <= 1024", lambda k, n: k <= 4096 and n <= 1024)
+ROWWISE = AutoRule("torchao rowwise: N <= 2048 or K <= 1024 or (N <= 4096 and K <= 2048)",
+                   lambda k, n: n <= 2048 or k <= 1024 or (n <= 4096 and k <= 2048))
+
+
+def auto_rule_for(config: PrecisionConfig) -> AutoRule:
+    """The `auto` rule for the job's backend and recipe."""
+    return ROWWISE if config.backend is Fp8Backend.TORCHAO and config.torchao_recipe == "rowwise" else PER_TENSOR
