@@ -20,12 +20,18 @@ healthy runs, detections out of degraded runs, and the largest excess of its gua
 policy's (today's default) on the same run, judged against the seed spread (the goal of issue 18).
 
     python bench/verification_policies.py [--steps 3000] [--seeds 3] [--spread-seeds 5] [--scenarios ...]
-        [--policies NAME=PATH ...] [--model ...] [--parallel 2]
+        [--policies NAME=PATH ...] [--model ...] [--parallel 2] [--cache DIR]
+
+A full run takes about two hours on 2 cores. With `--cache DIR` each command's figures are kept in DIR,
+keyed by its arguments, the policy file's text and the source of `shadow/`; a rerun (after an
+interruption, or with one policy edited) runs only the commands whose key changed.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
+import json
 import random
 import shutil
 import signal
@@ -68,6 +74,30 @@ def scenarios(steps: int, seed: int) -> dict[str, tuple[list[str], int | None]]:
         "grad": (_fault(grad_onset, steps, 30.0, "precision.fault.roles=[grad_output]"), grad_onset),
         "transient": (_fault(transient_onset, transient_onset + 50, 1000.0), transient_onset),
     }
+
+
+def _source_digest() -> str:
+    """sha256 of what decides a command's figures besides its arguments: shadow's source and the job."""
+    digest = hashlib.sha256()
+    for path in sorted((REPO / "shadow").rglob("*.py")) + [JOB]:
+        digest.update(str(path.relative_to(REPO)).encode() + b"\0" + path.read_bytes() + b"\0")
+    return digest.hexdigest()
+
+
+def _cached(cache: Path | None, name: str, key: list, compute):
+    """compute(), or its figures from an earlier run of the same command (same name, key and source)."""
+    if cache is None:
+        return compute()
+    path = cache / f"{name}-{hashlib.sha256(json.dumps(key).encode()).hexdigest()[:16]}.json"
+    if path.is_file():
+        figures = json.loads(path.read_text())
+        print(f"{name}: from {path}", flush=True)
+        return figures
+    figures = compute()
+    partial = path.with_suffix(".partial")
+    partial.write_text(json.dumps(figures))
+    partial.replace(path)
+    return figures
 
 
 def _train(precision: str, overrides: list[str], out: Path) -> float:
@@ -148,19 +178,31 @@ def _run_commands(args, policies: dict[str, str], plan: dict[int, dict]) -> tupl
         return base + [f"seed={seed}", f"data.seed={seed}"]
 
     train_only = [f"checkpoint.every_steps={args.steps}"]  # no checkpoint of a `shadow train` is read back
+    cache = Path(args.cache) if args.cache else None
+    if cache:
+        cache.mkdir(parents=True, exist_ok=True)
+    source = _source_digest()
+
+    def train(name: str, precision: str, overrides: list[str]):
+        return pool.submit(_cached, cache, name, [precision, overrides, source],
+                           lambda: _train(precision, overrides, root / name))
+
+    def guarded_run(policy: str, name: str, seed: int, overrides: list[str]):
+        path = policies[policy]
+        run_name = f"run-{policy}-{name}-{seed}"
+        return pool.submit(_cached, cache, run_name, [(REPO / path).read_text(), seeded(seed) + overrides, source],
+                           lambda: _guarded(path, address, env, seeded(seed) + overrides, root / run_name))
+
     with tempfile.TemporaryDirectory() as tmp, ThreadPoolExecutor(args.parallel) as pool:
         root = Path(tmp)
         try:
-            bf16 = {seed: pool.submit(_train, "bf16", seeded(seed) + train_only, root / f"bf16-{seed}")
-                    for seed in range(args.spread_seeds)}
-            fp8 = {(name, seed): pool.submit(_train, "fp8", seeded(seed) + overrides + train_only,
-                                             root / f"fp8-{name}-{seed}")
+            bf16 = {seed: train(f"bf16-{seed}", "bf16", seeded(seed) + train_only) for seed in range(args.spread_seeds)}
+            fp8 = {(name, seed): train(f"fp8-{name}-{seed}", "fp8", seeded(seed) + overrides + train_only)
                    for seed, chosen in plan.items() for name, (overrides, _) in chosen.items()}
             with ray_head(2 * args.parallel, root / "ray-head.log") as (address, env):  # starts while trains run
-                guarded = {(policy, name, seed): pool.submit(_guarded, path, address, env, seeded(seed) + overrides,
-                                                             root / f"run-{policy}-{name}-{seed}")
-                           for policy, path in policies.items()
-                           for seed, chosen in plan.items() for name, (overrides, _) in chosen.items()}
+                guarded = {(policy, name, seed): guarded_run(policy, name, seed, overrides)
+                           for policy in policies for seed, chosen in plan.items()
+                           for name, (overrides, _) in chosen.items()}
                 return ({key: future.result() for key, future in bf16.items()},
                         {key: future.result() for key, future in fp8.items()},
                         {key: future.result() for key, future in guarded.items()})
@@ -238,6 +280,7 @@ def main() -> None:
                         "a missing file is skipped with a message")
     parser.add_argument("--model", nargs="*", default=SMALL, help="model-size overrides (default: %(default)s)")
     parser.add_argument("--parallel", type=int, default=2, help="`shadow` commands at once (a thread each)")
+    parser.add_argument("--cache", help="keep each command's figures here and reuse them on a rerun")
     parser.add_argument("--out")
     args = parser.parse_args()
     unknown = set(args.scenarios) - set(scenarios(args.steps, 0))
