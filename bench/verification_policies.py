@@ -23,13 +23,15 @@ policy's (today's default) on the same run, judged against the seed spread (the 
         [--policies NAME=PATH ...] [--model ...] [--parallel 2] [--cache DIR]
 
 A full run takes about two hours on 2 cores. With `--cache DIR` each command's figures are kept in DIR,
-keyed by its arguments, the policy file's text and the source of `shadow/`; a rerun (after an
-interruption, or with one policy edited) runs only the commands whose key changed.
+keyed by its arguments, the policy in force (not the file's name or comments) and the source of `shadow/`;
+a rerun (after an interruption, with one policy edited, or with a policy renamed) runs only the commands
+whose key changed.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import json
 import random
@@ -42,6 +44,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from common import REPO, print_table, ray_head, run_shadow, switches_to_bf16, write_result
+
+from shadow.config.policy import load_policy
 
 JOB = REPO / "jobs" / "tiny.yaml"
 # 2 layers x 64, sequences of 32: ~25 ms per FP8 step on this CPU, so 3000 steps take about 1.5 minutes
@@ -189,9 +193,10 @@ def _run_commands(args, policies: dict[str, str], plan: dict[int, dict]) -> tupl
 
     def guarded_run(policy: str, name: str, seed: int, overrides: list[str]):
         path = policies[policy]
-        run_name = f"run-{policy}-{name}-{seed}"
-        return pool.submit(_cached, cache, run_name, [(REPO / path).read_text(), seeded(seed) + overrides, source],
-                           lambda: _guarded(path, address, env, seeded(seed) + overrides, root / run_name))
+        in_force = json.dumps(dataclasses.asdict(load_policy(REPO / path)), sort_keys=True, default=str)
+        return pool.submit(_cached, cache, f"run-{name}-{seed}", [in_force, seeded(seed) + overrides, source],
+                           lambda: _guarded(path, address, env, seeded(seed) + overrides,
+                                            root / f"run-{policy}-{name}-{seed}"))
 
     with tempfile.TemporaryDirectory() as tmp, ThreadPoolExecutor(args.parallel) as pool:
         root = Path(tmp)
