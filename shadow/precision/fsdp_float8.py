@@ -19,6 +19,7 @@ drops them (`drop_gathered_weights`), the only code here that touches FSDP2's pr
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.utils._pytree as pytree
@@ -29,21 +30,25 @@ from torch.distributed.fsdp._fully_shard._fsdp_param import ShardedState
 from shadow.config.job import PrecisionMode
 from shadow.model_errors import ModelError
 
+if TYPE_CHECKING:  # the backend module imports this one
+    from shadow.precision.base import PrecisionBackend
+
 aten = torch.ops.aten
 
-# What FSDP2 does to a weight while it shards it (detach for nn.Parameter, view/slice/split/new_zeros to
-# pad and cut the shard, as_strided for the shard's view): results stay wrapped, so the shard answers the
-# all-gather hooks. Every other op returns a plain tensor (optimizer state, gradients, checkpoint copies).
-_KEEP_WRAPPED = {aten.detach.default, aten.view.default, aten.slice.Tensor, aten.split.Tensor,
-                 aten.new_zeros.default, aten.as_strided.default}
+# What FSDP2 does to a weight while it shards it and reads its shard (detach for nn.Parameter and
+# DTensor, split/new_zeros/slice/view to cut and pad the shard; torch 2.13): results stay wrapped, so the
+# shard answers the all-gather hooks. Every other op returns a plain tensor (optimizer state, gradients,
+# checkpoint copies); in-place ops (the optimizer's update, a checkpoint load) write into the values.
+_KEEP_WRAPPED = {aten.detach.default, aten.split.Tensor, aten.new_zeros.default, aten.slice.Tensor,
+                 aten.view.default}
 
 
 @dataclass(frozen=True, eq=False)
 class Float8Cast:
     """How a layer casts its weight to FP8 (torchao's settings for it), and the backend whose mode decides."""
 
-    backend: object  # a PrecisionBackend: its `.mode` is read at every all-gather
-    linear_mm_config: object  # torchao LinearMMConfig of the layer
+    backend: PrecisionBackend  # its `.mode` is read at every all-gather
+    linear_mm_config: object  # the layer's torchao LinearMMConfig (torchao is imported only when used)
     float8_dtype: torch.dtype
     round_scales_to_power_of_2: bool
 
@@ -114,7 +119,7 @@ class Float8AllGatherWeight(torch.Tensor):
         return weight, (data,)
 
 
-def wrap_weights(model: nn.Module, layer_cls: type, backend) -> None:
+def wrap_weights(model: nn.Module, layer_cls: type, backend: PrecisionBackend) -> None:
     """Wrap the weight of every `layer_cls` layer of `model` (torchao Float8Linear), before FSDP2 shards it."""
     uses: dict[int, int] = {}
     for _, param in model.named_parameters(remove_duplicate=False):

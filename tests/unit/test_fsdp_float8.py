@@ -114,3 +114,13 @@ def test_the_fsdp2_internals_a_switch_resets_are_still_there():
     assert "self._fsdp_param_groups" in inspect.getsource(FSDPState.__init__)
     assert callable(FSDPModule._get_fsdp_state)
     assert "outer_size" in inspect.getsource(FSDPParam.all_gather_inputs.fget)  # the 5-argument pre-all-gather hook
+
+
+def test_the_option_is_not_part_of_the_job_hash():
+    """It changes no number (the integration test shows equal losses), so either job replays the other's
+    checkpoints."""
+    from shadow.trainer import job_hash
+
+    torchao = ["precision.backend=torchao", "precision.scaling=current"]
+    assert job_hash(load_job(None, [*torchao, "precision.fsdp_float8_all_gather=true"])) == job_hash(
+        load_job(None, torchao))
