@@ -255,7 +255,7 @@ class PrecisionConfig:
     torchao_recipe: str = "tensorwise"  # backend torchao: tensorwise or rowwise (current scaling only)
     fsdp_float8_all_gather: bool = False  # backend torchao, tensorwise: FSDP2 all-gathers the FP8 layers' weights
     # cast to FP8 per shard (a quarter of fp32's bytes) in FP8 mode, and as they are in BF16 mode (BF16 mode stays
-    # BF16); the losses are the same bit for bit. It acts only with more than one rank (no all-gather on one)
+    # BF16); the same losses bit for bit (tested on CPU ranks). It acts only with more than one rank
     fp8_layers: Fp8LayersConfig = field(default_factory=Fp8LayersConfig)
     fault: FaultConfig = field(default_factory=FaultConfig)
 
