@@ -79,11 +79,14 @@ def job_hash(job: JobConfig) -> str:
 
     The precision mode is left out (replays run the same job in another precision), as are where
     checkpoints go, evaluation and telemetry cadence (both only read the state), how many ranks compute
-    a step (not the micro-batch split), how `shadow run` drives the job and injected faults. Options
+    a step (not the micro-batch split), in which dtype FSDP2 all-gathers weights
+    (`precision.fsdp_float8_all_gather`: the same losses bit for bit, tested), how `shadow run` drives
+    the job and injected faults. Options
     that change numbers (`model.smooth_swiglu`, `optim.moments`, `resources.compile`) are in it.
     """
     config = to_dict(job)
     config["precision"].pop("mode")
+    config["precision"].pop("fsdp_float8_all_gather")
     # the micro-batch split shapes the numbers; how many ranks compute it does not
     config["micro_batches"] = job.resources.num_ranks * job.resources.grad_accum
     for key in ("name", "checkpoint", "eval", "telemetry", "resources", "run", "faults"):
@@ -115,6 +118,8 @@ class Trainer:
         self.structure, self.fp8_selection = prepared.structure, prepared.selection
         with self.backend.not_recording():
             check_output(self.model, job.model, self.device)
+        if self.layout.world_size > 1:
+            self.backend.before_sharding(self.model)
         shard_model(self.model, [block.module for block in self.structure.blocks], self.layout, self.device)
         self.sharded = is_sharded(self.model)  # FSDP2 at world size > 1
         if job.resources.compile:  # compile `forward` in place, so state_dict keys stay unchanged

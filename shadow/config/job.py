@@ -253,6 +253,9 @@ class PrecisionConfig:
     amax_compute: AmaxCompute = AmaxCompute.MAX  # delayed scaling: how the history becomes one amax
     margin: int = 0  # scale = fp8_max / amax / 2**margin
     torchao_recipe: str = "tensorwise"  # backend torchao: tensorwise or rowwise (current scaling only)
+    fsdp_float8_all_gather: bool = False  # backend torchao, tensorwise: FSDP2 all-gathers the FP8 layers' weights
+    # cast to FP8 per shard (a quarter of fp32's bytes) in FP8 mode, and as they are in BF16 mode (BF16 mode stays
+    # BF16); the same losses bit for bit (tested on CPU ranks). It acts only with more than one rank
     fp8_layers: Fp8LayersConfig = field(default_factory=Fp8LayersConfig)
     fault: FaultConfig = field(default_factory=FaultConfig)
 
@@ -273,6 +276,10 @@ class PrecisionConfig:
             found.append(("scaling", self.scaling.value, "'delayed' or 'current' with backend 'te'"))
         if self.torchao_recipe not in ("tensorwise", "rowwise"):
             found.append(("torchao_recipe", self.torchao_recipe, "'tensorwise' or 'rowwise'"))
+        if self.fsdp_float8_all_gather and (self.backend is not Fp8Backend.TORCHAO
+                                            or self.torchao_recipe != "tensorwise"):
+            found.append(("fsdp_float8_all_gather", True, "false unless precision.backend is 'torchao' with "
+                          "torchao_recipe 'tensorwise' (the FP8 all-gather casts whole-tensor scaled weights)"))
         if self.fault.enabled and self.backend is not Fp8Backend.EMULATED:
             found.append(("fault", "enabled", "backend 'emulated' (fault injection lives in the emulated quantizer)"))
         return found

@@ -124,6 +124,9 @@ class PrecisionBackend(ABC):
             return torch.autocast("cuda", dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
+    def before_sharding(self, model: nn.Module) -> None:
+        """Called with the converted model just before FSDP2 shards it (more than one rank)."""
+
     def set_mode(self, mode: PrecisionMode) -> None:
         """Takes effect from the next forward pass: call between steps only."""
         self.mode = PrecisionMode(mode)

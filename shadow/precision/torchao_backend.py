@@ -3,6 +3,10 @@
 Each layer is a torchao `Float8Linear` whose forward falls back to the shared BF16 path while the job
 runs in BF16, so a precision switch needs no module swap. torchao scales dynamically (per tensor for
 `tensorwise`, per row for `rowwise`), so there is no scaling state to checkpoint.
+
+With `precision.fsdp_float8_all_gather` (tensorwise, more than one rank) FSDP2 all-gathers the FP8 layers'
+weights in FP8 while the job is in FP8 mode and as they are in BF16 mode (`shadow/precision/fsdp_float8.py`);
+a mode switch makes FSDP2 drop the weights it gathered in the other mode.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from torch import nn
 from shadow.config.job import PrecisionConfig, PrecisionMode
 from shadow.precision.base import BackendUnavailable, PrecisionBackend, bf16_linear
 from shadow.precision.formats import round_to_bf16
+from shadow.precision.fsdp_float8 import drop_gathered_weights, wrap_weights
 
 
 def _import_torchao():
@@ -43,6 +48,7 @@ class TorchaoBackend(PrecisionBackend):
         self.float8_config = dataclasses.replace(base, **fields)
         self.emulate = emulate
         self._layer_cls = _make_layer_class(float8_linear_cls)
+        self._float8_all_gather_model: nn.Module | None = None  # the sharded model whose weights follow the mode
 
     def fp8_linear(self, linear: nn.Linear) -> nn.Module:
         """torchao's own swap (`Float8Linear.from_float`): the new layer takes over the parameters."""
@@ -51,6 +57,17 @@ class TorchaoBackend(PrecisionBackend):
                                     backend=self)
         layer.weight, layer.bias = linear.weight, linear.bias
         return layer
+
+    def before_sharding(self, model: nn.Module) -> None:
+        if self.config.fsdp_float8_all_gather:
+            wrap_weights(model, self._layer_cls, self)
+            self._float8_all_gather_model = model
+
+    def set_mode(self, mode: PrecisionMode) -> None:
+        previous = self.mode
+        super().set_mode(mode)
+        if self._float8_all_gather_model is not None and self.mode is not previous:
+            drop_gathered_weights(self._float8_all_gather_model)
 
     def describe(self) -> dict:
         return {**super().describe(), "torchao_recipe": self.config.torchao_recipe, "emulate": self.emulate}

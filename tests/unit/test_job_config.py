@@ -44,6 +44,10 @@ BAD_JOBS = {
     "text_without_path": ("data:\n  source: text\n", "data.path"),
     "section_not_mapping": ("optim: 3\n", "optim"),
     "torchao_with_delayed": ("precision:\n  backend: torchao\n  scaling: delayed\n", "precision.scaling"),
+    "float8_all_gather_without_torchao": ("precision:\n  fsdp_float8_all_gather: true\n",
+                                          "precision.fsdp_float8_all_gather"),
+    "float8_all_gather_rowwise": ("precision: {backend: torchao, scaling: current, torchao_recipe: rowwise, "
+                                  "fsdp_float8_all_gather: true}\n", "precision.fsdp_float8_all_gather"),
     "bad_name": ("name: ../../etc\n", "name"),
     "fault_unknown_role": ("precision:\n  fault: {roles: [gradient]}\n", "precision.fault.roles"),
     "fault_no_roles": ("precision:\n  fault: {roles: []}\n", "precision.fault.roles"),
