@@ -51,7 +51,7 @@ LONGEST_FILES_FIRST = (  # by measured seconds per file (a full run, 2 workers),
     "test_scale_out.py", "test_sharded_training.py", "test_run_local.py", "test_input_faults.py",
     "test_run_stop_and_disk.py", "test_resume.py", "test_fp8_training.py", "test_ray_jobs.py",
     "test_checkpoint_validation.py", "test_storage_faults.py", "test_multinode.py", "test_triggers.py",
-    "test_checkpoint_fuzz.py", "test_s3_multipart.py", "test_plugin_models.py")
+    "test_checkpoint_fuzz.py", "test_s3_multipart.py", "test_plugin_models.py", "test_fsdp_float8_all_gather.py")
 
 
 def pytest_collection_modifyitems(items):
