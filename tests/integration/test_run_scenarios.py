@@ -18,18 +18,19 @@ TWO_RANKS = ["--set", "resources.num_ranks=2", "--policy-set", "verify.replay_re
 
 
 def test_healthy_tiny_job_verifies_and_never_switches(tmp_path):
-    # The default policy (adaptive cadence, early stopping) from a base interval of 50 steps instead of
-    # 100: the clean window from step 0 doubles the interval to 100, so the next window starts at the
-    # checkpoint of step 100 (a fixed cadence would start windows at 0, 50 and 100), and each window ends
-    # once 10+ steps put its intervals within warn.
+    # The default policy (adaptive cadence, early stopping) from a base interval of 25 steps instead of
+    # 100: the clean window from step 0 doubles the interval to 50, so the next window starts at the
+    # checkpoint of step 50 (a fixed cadence would start one at 25 too), and each window ends once 10+
+    # steps put its intervals within warn.
     code, out, summary, events = shadow_run(tmp_path / "healthy", "--job", str(REPO / "jobs/tiny.yaml"),
-                                            "--set", "steps=125", "--policy-set", "verify.every_n_steps=50")
+                                            "--set", "steps=75", "--set", "checkpoint.every_steps=25",
+                                            "--policy-set", "verify.every_n_steps=25")
     assert code == 0 and summary["phase"] == "finished"
-    assert summary["final_step"] == 125 and summary["steps_fp8"] == 125
+    assert summary["final_step"] == 75 and summary["steps_fp8"] == 75
     assert summary["num_verifications"] == 2
-    assert [v["window_start"] for v in summary["verdicts"]] == [0, 100]
+    assert [v["window_start"] for v in summary["verdicts"]] == [0, 50]
     intervals = [e["reason"] for e in kinds_of(events, "decision") if e["name"] and "verify" in e["name"]]
-    assert "verification interval 100 steps" in intervals[0] and "verification interval 200 steps" in intervals[1]
+    assert "verification interval 50 steps" in intervals[0] and "verification interval 100 steps" in intervals[1]
     assert summary["num_precision_switches"] == 0
     assert all(v["level"] == "clean" for v in summary["verdicts"]), summary["verdicts"]
     for key in ("final_loss", "steps_bf16", "verdicts", "verification_cost", "wall_s", "effective_speedup"):
@@ -44,17 +45,17 @@ def test_healthy_tiny_job_verifies_and_never_switches(tmp_path):
     assert len(kinds_of(events, "replay_stopped_early")) == 2
     replayed = sum(s["steps"] for s in stopped)
     assert summary["replay_steps"] == {"bf16": replayed}
-    assert summary["verification_cost"] == pytest.approx(replayed / 125)
+    assert summary["verification_cost"] == pytest.approx(replayed / 75)
     # the ledger: FP8 main steps and BF16 replay steps on the same device and rank count
     speed = summary["effective_speedup"]
     assert speed["basis"] == "measured" and speed["assumed"] is None, speed
     measured = speed["measured"]
-    assert (measured["num_fp8_steps"], measured["num_bf16_steps"]) == (125, replayed)
+    assert (measured["num_fp8_steps"], measured["num_bf16_steps"]) == (75, replayed)
     assert measured["device"] == "cpu x1 threads" and measured["num_ranks"] == 1 and measured["fp8_emulated"]
     assert measured["fp8_speedup"] == pytest.approx(measured["bf16_step_s"] / measured["fp8_step_s"])
     assert speed["wall"] == pytest.approx(measured["fp8_speedup"])  # every kept step FP8, none discarded
     kept, discarded = read_history(out)
-    assert [r.step for r in kept] == list(range(125)) and not discarded
+    assert [r.step for r in kept] == list(range(75)) and not discarded
     replays = sorted((out / "replays").glob("*.jsonl"))
     assert [len(p.read_text().splitlines()) for p in replays] == [s["steps"] for s in stopped]
 
