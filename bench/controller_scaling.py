@@ -122,7 +122,7 @@ def pure_calls(num_checkpoints: int, every_steps: int = 50, repeats: int = 20) -
     `num_checkpoints` committed checkpoints (checkpoint.keep: 0 keeps all) and the newest settled window
     per purpose; `decide` in the state left by as many earlier verification windows as the run had, under
     a policy that watches the trend (`trend_windows: 3`)."""
-    policy = load_policy(str(REPO / "policies/default.yaml"), ["thresholds.trend_windows=3"])
+    policy = load_policy(str(REPO / "policies/fixed.yaml"), ["thresholds.trend_windows=3"])
     main_step = num_checkpoints * every_steps
     committed = list(range(0, main_step + 1, every_steps))
     state = PolicyState()
@@ -152,7 +152,7 @@ def _verdict(start: int):
 
 def simulate(steps: int, concurrency: int, every: int, window: int, root: Path) -> dict:
     job = load_job(str(REPO / "jobs/tiny.yaml"), DUMMY_JOB + [f"steps={steps}"])
-    policy = load_policy(str(REPO / "policies/default.yaml"),
+    policy = load_policy(str(REPO / "policies/fixed.yaml"),
                          [f"verify.every_n_steps={every}", f"verify.window_steps={window}",
                           f"verify.max_concurrent_replays={concurrency}"])
     ray.init(address="local", num_cpus=1 + concurrency, include_dashboard=False, configure_logging=False,

@@ -14,7 +14,7 @@ switch threshold (as a fraction of the BF16 loss), *healthy* otherwise. Then:
 BF16 numerics do not depend on the FP8 settings, so the four scenarios at the job's learning rate share
 one BF16 baseline per seed (the 10x learning-rate scenario has its own).
 
-    python bench/detection_quality.py [--seeds 5] [--steps 300] [--policy policies/default.yaml] [--model ...]
+    python bench/detection_quality.py [--seeds 5] [--steps 300] [--policy policies/fixed.yaml] [--model ...]
 """
 
 from __future__ import annotations
@@ -55,7 +55,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, default=5)
     parser.add_argument("--steps", type=int, default=300)
-    parser.add_argument("--policy", default="policies/default.yaml")
+    parser.add_argument("--policy", default="policies/fixed.yaml")
     parser.add_argument("--policy-set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a policy setting (passed on to `shadow run`)")
     parser.add_argument("--scenarios", nargs="*", default=list(scenarios(300, 0)), help="subset (default: all)")

@@ -10,7 +10,7 @@
 2. The main loop's blocking time per checkpoint over the mean step time, sync vs async persist, from
    `checkpoint_blocking.py` (tiny model by default).
 
-    python bench/overhead.py [--rounds 2] [--steps 300] [--job jobs/tiny.yaml] [--policy policies/default.yaml]
+    python bench/overhead.py [--rounds 2] [--steps 300] [--job jobs/tiny.yaml] [--policy policies/fixed.yaml]
 """
 
 from __future__ import annotations
@@ -50,7 +50,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--job", default="jobs/tiny.yaml")
     parser.add_argument("--steps", type=int, default=300)
-    parser.add_argument("--policy", default="policies/default.yaml")
+    parser.add_argument("--policy", default="policies/fixed.yaml")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="job override for both commands (e.g. a smaller model)")
     parser.add_argument("--blocking-sizes", nargs="*", default=["tiny (4x128)"],

@@ -63,7 +63,7 @@ class Timed(RunCallback):
 
 def real_run(out: Path, tracked: bool) -> dict:
     job = load_job(str(REPO / "jobs/tiny_fault.yaml"), FAST)
-    policy = load_policy(str(REPO / "policies/default.yaml"), [])
+    policy = load_policy(str(REPO / "policies/fixed.yaml"), [])
     run_dir = RunDir(out)
     (out / "job.yaml").write_text(to_yaml(job))
     callbacks: list[RunCallback] = [RunDirWriter(run_dir)]

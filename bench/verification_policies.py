@@ -17,7 +17,7 @@ minus the onset; for a drift, the start of its ramp),
 the steps discarded by rollbacks and the guarded run's final held-out gap to BF16.
 `totals` per policy: replay steps per main step over the healthy scenario's runs, false switches out of
 healthy runs, detections out of degraded runs, and the largest excess of its guarded gap over the first
-policy's (today's default) on the same run, judged against the seed spread (the goal of issue 18).
+policy's (`fixed.yaml`, the default before issue 18) on the same run, judged against the seed spread (the goal of issue 18).
 
     python bench/verification_policies.py [--steps 3000] [--seeds 3] [--spread-seeds 5] [--scenarios ...]
         [--policies NAME=PATH ...] [--model ...] [--parallel 2] [--cache DIR]
@@ -52,7 +52,7 @@ JOB = REPO / "jobs" / "tiny.yaml"
 SMALL = ["model.num_layers=2", "model.d_model=64", "model.seq_len=32", "batch_size=8"]
 # each data seed draws its own held-out batches; 256 of them keep that draw's share of the spread small
 EVAL_BATCHES = 256
-POLICIES = ["fixed_default=policies/default.yaml", "adaptive=policies/adaptive.yaml",
+POLICIES = ["fixed=policies/fixed.yaml", "default=policies/default.yaml",
             "triggered=policies/triggered.yaml"]
 GOAL_REPLAY_PER_MAIN = 0.05  # issue 18: replay steps per main step over a long healthy run
 

@@ -12,6 +12,10 @@ os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO / "tests"), os
 # `--set` overrides that shrink a shipped job's model (same data, schedule, faults) for fast runs
 FAST = ["--set", "model.num_layers=2", "--set", "model.d_model=64", "--set", "model.seq_len=64",
         "--set", "batch_size=8"]
+# The fixed cadence (a full window every `every_n_steps`): tests of the controller's mechanics (faults,
+# resume, tracking, scale-out) count its windows, which stay where they are whatever a window finds.
+# The default policy's adaptive cadence and early stopping: test_run_scenarios.py, test_run_local.py.
+FIXED_POLICY = ["--policy", str(REPO / "policies" / "fixed.yaml")]
 
 SMALL_JOB = """\
 name: small

@@ -6,7 +6,7 @@ import shutil
 
 import pytest
 from checkpoint_damage import DATA, planted_pickle, set_first_value
-from conftest import FAST, REPO
+from conftest import FAST, FIXED_POLICY, REPO
 
 from shadow.checkpoint.format import MANIFEST
 from shadow.cli import main
@@ -23,7 +23,8 @@ def crashed_run(tmp_path_factory, local_ray):
     the run directory) are what a resume has to work with."""
     out = tmp_path_factory.mktemp("crashed") / "run"
     code = main(["run", "--job", TINY, *FAST, "--set", "steps=120", "--set", "faults.main_crash_at_step=67",
-                 "--set", "run.max_main_restarts=0", "--policy-set", "verify.every_n_steps=50", "--out", str(out)])
+                 "--set", "run.max_main_restarts=0", *FIXED_POLICY, "--policy-set", "verify.every_n_steps=50",
+                 "--out", str(out)])
     assert code == 1
     return out
 
@@ -75,7 +76,7 @@ def test_resume_rejects_a_bad_newest_checkpoint_and_falls_back(crashed_run, tmp_
 
 def test_policy_file_broken_deleted_or_huge_mid_run_keeps_the_old_policy(tmp_path, monkeypatch):
     policy = tmp_path / "policy.yaml"
-    shutil.copy(REPO / "policies/default.yaml", policy)
+    shutil.copy(REPO / "policies/fixed.yaml", policy)
     out = tmp_path / "run"
     edits = [
         lambda: policy.write_text("verify:\n  every_n_steps: -5\n"),

@@ -8,7 +8,7 @@ replay raises, or a loss turns NaN.
 import json
 
 import pytest
-from conftest import FAST, REPO
+from conftest import FAST, FIXED_POLICY, REPO
 
 from shadow.cli import main
 from shadow.rundir import read_events, read_history
@@ -20,7 +20,7 @@ EVERY_50 = ["--policy-set", "verify.every_n_steps=50"]
 
 def _run(tmp_path, *args):
     out = tmp_path / "run"
-    code = main(["run", "--job", TINY, *FAST, "--set", "steps=150", *EVERY_50, "--out", str(out), *args])
+    code = main(["run", "--job", TINY, *FAST, "--set", "steps=150", *FIXED_POLICY, *EVERY_50, "--out", str(out), *args])
     summary_path = out / "summary.json"
     summary = json.loads(summary_path.read_text()) if summary_path.exists() else None
     return code, out, summary, read_events(out)

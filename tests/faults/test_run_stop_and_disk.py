@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import FAST, REPO
+from conftest import FAST, FIXED_POLICY, REPO
 
 from shadow.rundir import read_events
 
@@ -22,7 +22,8 @@ TINY = str(REPO / "jobs/tiny.yaml")
 
 def _start(out, *args, env=None, log_path=None):
     log = open(log_path or out.parent / f"{out.name}.log", "w")
-    process = subprocess.Popen([sys.executable, "-m", "shadow", "run", "--job", TINY, *FAST, "--out", str(out), *args],
+    process = subprocess.Popen([sys.executable, "-m", "shadow", "run", "--job", TINY, *FAST, *FIXED_POLICY,
+                                "--out", str(out), *args],
                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env)
     return process, log
 

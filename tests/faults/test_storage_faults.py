@@ -15,7 +15,7 @@ import uuid
 
 import pytest
 import ray
-from conftest import FAST, REPO
+from conftest import FAST, FIXED_POLICY, REPO
 from s3_fixtures import BUCKET, MotoServer, s3_client
 from tcp_relay import TcpRelay
 
@@ -77,7 +77,7 @@ def _failed(events):
 def _run(tmp_path, root, *args):
     out = tmp_path / "run"
     code = main(["run", "--job", TINY, *FAST, "--set", "steps=150", "--set", "checkpoint.every_steps=10",
-                 "--set", f"checkpoint.uri={root}/{uuid.uuid4().hex[:8]}", "--out", str(out), *args])
+                 "--set", f"checkpoint.uri={root}/{uuid.uuid4().hex[:8]}", *FIXED_POLICY, "--out", str(out), *args])
     return code, out
 
 

@@ -188,7 +188,7 @@ def test_verification_policies(tmp_path):
     results' structure and that they hold together: the ground truth, the switches, the totals as sums
     over the rows. The policy switches at a 0.01% gap, so the first window (from step 0, always run)
     switches both runs and rolls back: the switch paths are taken."""
-    default = (REPO / "policies" / "default.yaml").read_text()
+    default = (REPO / "policies" / "fixed.yaml").read_text()
     policy = tmp_path / "hair_trigger.yaml"
     policy.write_text(default.replace("  warn: 0.005 ", "  warn: 0.00005 ")
                       .replace("  switch: 0.015 ", "  switch: 0.0001 "))

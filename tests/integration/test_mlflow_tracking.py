@@ -25,6 +25,7 @@ import pytest
 import ray
 from mlflow import MlflowClient
 
+from conftest import FAST, FIXED_POLICY, REPO
 from mlflow_server import MlflowServer
 from shadow.cli import main
 from shadow.rundir import read_events, read_history, read_trajectory
@@ -32,10 +33,7 @@ from shadow.tracking.state import TrackingState
 
 pytestmark = pytest.mark.slow
 
-REPO = Path(__file__).resolve().parents[2]
 FAULT_JOB = str(REPO / "jobs/tiny_fault.yaml")
-FAST = ["--set", "model.num_layers=2", "--set", "model.d_model=64", "--set", "model.seq_len=64",
-        "--set", "batch_size=8"]
 TRAIN_KEYS = ("train/loss", "train/grad_norm", "train/lr", "train/step_time_s")
 
 
@@ -58,7 +56,7 @@ def server(tmp_path_factory):
 def tracked_run(server, tmp_path_factory):
     """One full run of the fault job, tracked by the server, shared by the tests that read it."""
     out = tmp_path_factory.mktemp("tracked") / "fault-run"
-    code = main(["run", "--job", FAULT_JOB, *FAST, "--out", str(out), "--tracking-uri", server.url,
+    code = main(["run", "--job", FAULT_JOB, *FAST, *FIXED_POLICY, "--out", str(out), "--tracking-uri", server.url,
                  "--experiment", "shadow-it"])
     assert code == 0
     return out
@@ -153,7 +151,7 @@ def test_server_killed_mid_run_loses_nothing_and_duplicates_nothing(server, tmp_
     thread = threading.Thread(target=crash_and_return)
     thread.start()
     try:
-        code = main(["run", "--job", FAULT_JOB, *FAST, "--out", str(out), "--tracking-uri", server.url,
+        code = main(["run", "--job", FAULT_JOB, *FAST, *FIXED_POLICY, "--out", str(out), "--tracking-uri", server.url,
                      "--experiment", "shadow-it"])
     finally:
         thread.join()
@@ -189,8 +187,8 @@ def test_resume_after_driver_kill_continues_the_same_mlflow_runs(server, tmp_pat
     out = tmp_path / "resumed"
     log = open(tmp_path / "first.log", "w")
     driver = subprocess.Popen(
-        [sys.executable, "-m", "shadow", "run", "--job", FAULT_JOB, *FAST, "--set", "steps=150", "--out", str(out),
-         "--tracking-uri", server.url, "--experiment", "shadow-it"],
+        [sys.executable, "-m", "shadow", "run", "--job", FAULT_JOB, *FAST, *FIXED_POLICY, "--set", "steps=150",
+         "--out", str(out), "--tracking-uri", server.url, "--experiment", "shadow-it"],
         stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     deadline = time.time() + 180
     try:

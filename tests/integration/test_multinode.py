@@ -4,7 +4,7 @@ import json
 
 import pytest
 import ray
-from conftest import FAST, REPO
+from conftest import FAST, FIXED_POLICY, REPO
 from ray.cluster_utils import Cluster
 
 from shadow.cli import main
@@ -21,7 +21,7 @@ def test_main_and_replay_land_on_different_nodes_of_a_two_node_cluster(tmp_path)
     ray.init(address=cluster.address, configure_logging=False, log_to_driver=False)
     try:
         out = tmp_path / "two-nodes"
-        code = main(["run", "--job", str(REPO / "jobs/tiny.yaml"), *FAST, "--set", "steps=120",
+        code = main(["run", "--job", str(REPO / "jobs/tiny.yaml"), *FAST, "--set", "steps=120", *FIXED_POLICY,
                      "--policy-set", "verify.every_n_steps=50", "--out", str(out)])
     finally:
         ray.shutdown()

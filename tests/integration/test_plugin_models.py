@@ -7,7 +7,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import REPO, kinds_of, shadow_run
+from conftest import FIXED_POLICY, REPO, kinds_of, shadow_run
 
 from shadow.config import load_job
 from shadow.trainer import Trainer
@@ -80,7 +80,7 @@ def test_shadow_run_guards_a_plug_in_model_healthy_and_degraded(tmp_path):
     """Healthy: the GPT plug-in with dropout verifies clean and stays in FP8. Degraded: a Hugging Face
     LLaMA whose FP8 scales are multiplied by 1000 from step 20 fails its verification and falls back to
     BF16. Both log which layers ran in FP8."""
-    policy = ["--set", "checkpoint.every_steps=25", "--policy-set", "verify.every_n_steps=25",
+    policy = ["--set", "checkpoint.every_steps=25", *FIXED_POLICY, "--policy-set", "verify.every_n_steps=25",
               "--policy-set", "verify.window_steps=15"]
     code, _, summary, events = shadow_run(tmp_path / "healthy", *TINY, *GPT, "--set", "steps=40", *policy)
     assert code == 0 and summary["num_precision_switches"] == 0 and summary["num_verifications"] == 2

@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-from conftest import FAST, REPO
+from conftest import FAST, FIXED_POLICY, REPO
 
 from shadow.rundir import read_events, read_history
 
@@ -28,7 +28,8 @@ def _shadow(*args) -> list[str]:
 def test_driver_killed_after_a_rollback_resumes_without_losing_or_repeating_decisions(tmp_path):
     out = tmp_path / "run"
     log = open(tmp_path / "first.log", "w")
-    driver = subprocess.Popen(_shadow("run", "--job", str(REPO / "jobs/tiny_fault.yaml"), *FAST, "--out", str(out)),
+    driver = subprocess.Popen(_shadow("run", "--job", str(REPO / "jobs/tiny_fault.yaml"), *FAST, *FIXED_POLICY,
+                                      "--out", str(out)),
                               stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
 
     def killed_point_reached() -> bool:

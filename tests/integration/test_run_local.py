@@ -9,7 +9,7 @@ model size are in test_run_scenarios.py.
 import shutil
 
 import pytest
-from conftest import FAST, REPO, kinds_of, shadow_run
+from conftest import FAST, FIXED_POLICY, REPO, kinds_of, shadow_run
 
 from shadow.cli import main
 from shadow.controller.callbacks import RunDirWriter
@@ -30,14 +30,14 @@ def fault_job_runs(local_ray, tmp_path_factory):
     def run(on_switch: str):
         if on_switch not in runs:
             runs[on_switch] = _run(tmp_path_factory.mktemp(on_switch), on_switch, "--job",
-                                   str(REPO / "jobs/tiny_fault.yaml"), *FAST,
+                                   str(REPO / "jobs/tiny_fault.yaml"), *FAST, *FIXED_POLICY,
                                    "--policy-set", f"action.on_switch={on_switch}")
         return runs[on_switch]
     return run
 
 
 def test_fault_job_walks_the_full_cycle_in_order(fault_job_runs):
-    code, out, summary, events = fault_job_runs("rollback")  # the default policy's
+    code, out, summary, events = fault_job_runs("rollback")  # fixed.yaml's (and the default's)
     assert code == 0 and summary["num_precision_switches"] == 2
     names = [e["event"] for e in events]
     to_bf16 = next(i for i, e in enumerate(events) if e["event"] == "precision_switched" and e["new"] == "bf16")
@@ -57,7 +57,7 @@ def test_fault_job_walks_the_full_cycle_in_order(fault_job_runs):
     bf16_from, fp8_from = events[to_bf16]["step"], events[to_fp8]["step"]
     assert [r.step for r in kept] == list(range(400))
     assert all(r.precision == ("bf16" if bf16_from <= r.step < fp8_from else "fp8") for r in kept)
-    # the default policy rolls back to the last clean window: no FP8 step of the fault stays in history
+    # the policy rolls back to the last clean window: no FP8 step of the fault stays in history
     assert kinds_of(events, "rollback") and bf16_from <= 100
 
 
@@ -84,7 +84,7 @@ def test_rollback_and_adoption_leave_a_complete_history(fault_job_runs, on_switc
 
 def test_policy_edit_during_a_run_takes_effect(tmp_path, monkeypatch):
     policy = tmp_path / "policy.yaml"
-    shutil.copy(REPO / "policies/default.yaml", policy)
+    shutil.copy(REPO / "policies/fixed.yaml", policy)
     out = tmp_path / "hot"
     original = policy.read_text()
     faster = original.replace("every_n_steps: 100", "every_n_steps: 25")
@@ -121,7 +121,7 @@ def test_a_checkpoint_interval_shorter_than_a_save_shows_its_wait(tmp_path):
     code, out, summary, events = _run(tmp_path, "waits", "--job", str(REPO / "jobs/tiny.yaml"), "--set", "steps=40",
                                       "--set", "model.num_layers=1", "--set", "model.d_model=8",
                                       "--set", "model.num_heads=1", "--set", "model.seq_len=8",
-                                      "--set", "batch_size=2", "--set", "checkpoint.every_steps=1",
+                                      "--set", "batch_size=2", "--set", "checkpoint.every_steps=1", *FIXED_POLICY,
                                       "--policy-set", "verify.every_n_steps=20", "--policy-set", "verify.window_steps=5")
     assert code == 0
     waits = [e["wait_s"] for e in kinds_of(events, "checkpoint_committed")]

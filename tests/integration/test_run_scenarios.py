@@ -18,15 +18,19 @@ TWO_RANKS = ["--set", "resources.num_ranks=2", "--policy-set", "verify.replay_re
 
 
 def test_healthy_tiny_job_verifies_and_never_switches(tmp_path):
-    # the default window (25 steps) every 50 steps instead of 100: [0, 25) and [50, 75) in 75 steps; the
-    # second starts once the first is done, however slow the machine, since no newer span can take its place.
-    # Early stopping on (as in policies/adaptive.yaml): each window ends once 10+ steps put its intervals within warn
+    # The default policy (adaptive cadence, early stopping) from a base interval of 25 steps instead of
+    # 100: the clean window from step 0 doubles the interval to 50, so the next window starts at the
+    # checkpoint of step 50 (a fixed cadence would start one at 25 too), and each window ends once 10+
+    # steps put its intervals within warn.
     code, out, summary, events = shadow_run(tmp_path / "healthy", "--job", str(REPO / "jobs/tiny.yaml"),
-                                            "--set", "steps=75", "--policy-set", "verify.every_n_steps=50",
-                                            "--policy-set", "verify.early_stop.min_steps=10")
+                                            "--set", "steps=75", "--set", "checkpoint.every_steps=25",
+                                            "--policy-set", "verify.every_n_steps=25")
     assert code == 0 and summary["phase"] == "finished"
     assert summary["final_step"] == 75 and summary["steps_fp8"] == 75
     assert summary["num_verifications"] == 2
+    assert [v["window_start"] for v in summary["verdicts"]] == [0, 50]
+    intervals = [e["reason"] for e in kinds_of(events, "decision") if e["name"] and "verify" in e["name"]]
+    assert "verification interval 50 steps" in intervals[0] and "verification interval 100 steps" in intervals[1]
     assert summary["num_precision_switches"] == 0
     assert all(v["level"] == "clean" for v in summary["verdicts"]), summary["verdicts"]
     for key in ("final_loss", "steps_bf16", "verdicts", "verification_cost", "wall_s", "effective_speedup"):

@@ -5,7 +5,7 @@ import json
 
 import pytest
 import ray
-from conftest import FAST, REPO
+from conftest import FAST, FIXED_POLICY, REPO
 
 from shadow.cli import main
 from shadow.rundir import read_events, read_history, read_trajectory
@@ -18,7 +18,7 @@ TWO_RANKS = ["--set", "resources.num_ranks=2"]
 
 def _run(tmp_path, name, *args):
     out = tmp_path / name
-    code = main(["run", "--job", TINY, *FAST, "--out", str(out), *args])
+    code = main(["run", "--job", TINY, *FAST, *FIXED_POLICY, "--out", str(out), *args])
     return code, out, json.loads((out / "summary.json").read_text()), read_events(out)
 
 

@@ -13,7 +13,7 @@ from shadow.policy import PolicyState
 from shadow.policy.early_stop import early_stop
 from shadow.records import StepRecord
 
-WARN, SWITCH, LOSS = 0.005, 0.015, 2.0  # policies/adaptive.yaml's thresholds; the BF16 loss of the simulated steps
+WARN, SWITCH, LOSS = 0.005, 0.015, 2.0  # policies/default.yaml's thresholds; the BF16 loss of the simulated steps
 
 
 def policy(min_steps=8, confidence=0.99, two_sided=True, metric="rel_mean_gap", warn=WARN, switch=SWITCH):
@@ -224,4 +224,4 @@ def first_stop(pol, fp8, bf16):
 def test_a_gap_that_takes_off_after_a_flat_start_needs_enough_steps_before_the_first_look():
     assert compare(rows(NOSCALE_FP8, "fp8", 0), rows(NOSCALE_BF16, "bf16", 0)).rel_mean_gap > SWITCH
     assert first_stop(policy(min_steps=8), NOSCALE_FP8, NOSCALE_BF16).level == "clean"  # 8 steps: a flat ~0.1%
-    assert first_stop(policy(min_steps=10), NOSCALE_FP8, NOSCALE_BF16) is None  # adaptive.yaml's: runs to its end
+    assert first_stop(policy(min_steps=10), NOSCALE_FP8, NOSCALE_BF16) is None  # the default's: runs to its end

@@ -14,7 +14,7 @@ from shadow.policy.state import Cusum
 from shadow.records import StepRecord
 
 K = DecisionKind
-WARN, SWITCH = 0.005, 0.015  # policies/adaptive.yaml's
+WARN, SWITCH = 0.005, 0.015  # policies/default.yaml's
 
 
 def policy(limit=0.005, *, consecutive=1, two_sided=True, on_switch="rollback", mode="enforce", noise=False):
