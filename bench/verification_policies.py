@@ -17,7 +17,8 @@ minus the onset; for a drift, the start of its ramp),
 the steps discarded by rollbacks and the guarded run's final held-out gap to BF16.
 `totals` per policy: replay steps per main step over the healthy scenario's runs, false switches out of
 healthy runs, detections out of degraded runs, and the largest excess of its guarded gap over the first
-policy's (`fixed.yaml`, the default before issue 18) on the same run, judged against the seed spread (the goal of issue 18).
+policy's (`fixed.yaml`, the default before issue 18) on the same run, judged against the seed spread (the
+goal of issue 18).
 
     python bench/verification_policies.py [--steps 3000] [--seeds 3] [--spread-seeds 5] [--scenarios ...]
         [--policies NAME=PATH ...] [--model ...] [--parallel 2] [--cache DIR]
@@ -88,7 +89,13 @@ def _source_digest() -> str:
     return digest.hexdigest()
 
 
-def _cached(cache: Path | None, name: str, key: list, compute):
+def policy_in_force(path: Path) -> str:
+    """The policy a file puts in force, as text: what a guarded run's cache key holds instead of the
+    file's name and comments."""
+    return json.dumps(dataclasses.asdict(load_policy(path)), sort_keys=True, default=str)
+
+
+def cached(cache: Path | None, name: str, key: list, compute):
     """compute(), or its figures from an earlier run of the same command (same name, key and source)."""
     if cache is None:
         return compute()
@@ -188,13 +195,13 @@ def _run_commands(args, policies: dict[str, str], plan: dict[int, dict]) -> tupl
     source = _source_digest()
 
     def train(name: str, precision: str, overrides: list[str]):
-        return pool.submit(_cached, cache, name, [precision, overrides, source],
+        return pool.submit(cached, cache, name, [precision, overrides, source],
                            lambda: _train(precision, overrides, root / name))
 
     def guarded_run(policy: str, name: str, seed: int, overrides: list[str]):
         path = policies[policy]
-        in_force = json.dumps(dataclasses.asdict(load_policy(REPO / path)), sort_keys=True, default=str)
-        return pool.submit(_cached, cache, f"run-{name}-{seed}", [in_force, seeded(seed) + overrides, source],
+        key = [policy_in_force(REPO / path), seeded(seed) + overrides, source]
+        return pool.submit(cached, cache, f"run-{name}-{seed}", key,
                            lambda: _guarded(path, address, env, seeded(seed) + overrides,
                                             root / f"run-{policy}-{name}-{seed}"))
 
